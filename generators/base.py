@@ -1,0 +1,113 @@
+"""The generator interface: (tokens | condition) -> tokens.
+
+A generator is an ordering / attention scheme (the paper's idea) times a token embedding and
+an output head chosen by ``spec.kind``. It is built from ``(spec, conditioning)`` and raises
+:class:`zoo.tokens.IncompatibleTokens` at construction when its scheme cannot take the spec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zoo.module import ZooModule
+from zoo.tokens import Tokens, TokenSpec
+
+
+@dataclass
+class Condition:
+    """What a sample is conditioned on; either part may be ``None`` (= the null condition).
+
+    ``labels``: (B,) int64 class ids; ``-1`` marks the null class for that row.
+    ``text``:   (B, L) int64 word ids from ``zoo.data.text`` (0 = padding; an all-padding
+                row is the null caption).
+    """
+
+    labels: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        for t in (self.labels, self.text):
+            if t is not None:
+                return t.shape[0]
+        raise ValueError("an empty Condition has no batch size; pass labels or text")
+
+    def to(self, device) -> "Condition":
+        return Condition(*(None if t is None else t.to(device) for t in (self.labels, self.text)))
+
+    def __getitem__(self, idx) -> "Condition":
+        return Condition(*(None if t is None else t[idx] for t in (self.labels, self.text)))
+
+    @staticmethod
+    def cat(items) -> "Condition":
+        items = list(items)
+        def c(attr):
+            vals = [getattr(i, attr) for i in items]
+            if all(v is None for v in vals):
+                return None
+            if any(v is None for v in vals):
+                raise ValueError(f"cannot concatenate conditions with and without {attr}")
+            return torch.cat(vals)
+        return Condition(c("labels"), c("text"))
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling knobs shared by every generator.
+
+    CFG is always ``u + s·(c − u)`` (VAR's ``(1+t)c − t·u`` is ``s = 1 + t``).
+    ``cfg_schedule``: ``constant`` | ``linear`` (s ramps from 1 to ``cfg`` over the steps, as
+    VAR/MAR/xAR do). ``top_k=0`` and ``top_p=1`` disable the filters.
+    """
+
+    cfg: float = 1.0
+    cfg_schedule: str = "constant"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    extra: dict = field(default_factory=dict)  # scheme-specific knobs (e.g. num_steps)
+
+    def __post_init__(self):
+        if self.cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def cfg_at(self, step: int, num_steps: int) -> float:
+        if self.cfg_schedule == "constant" or num_steps <= 1:
+            return self.cfg
+        return 1.0 + (self.cfg - 1.0) * step / (num_steps - 1)
+
+
+class Generator(ZooModule):
+    """Subclasses set ``self.spec`` and implement ``loss`` and ``generate``.
+
+    ``loss(tokens, cond) -> dict`` with ``"loss"`` the scalar to back-propagate.
+    ``generate(cond, sampling, generator) -> Tokens`` of ``self.spec``; ``generator`` is a
+    seeded ``torch.Generator`` so the same seed gives the same tokens.
+    """
+
+    spec: TokenSpec
+
+    def loss(self, tokens: Tokens, cond: Condition) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, cond: Condition, sampling: SamplingConfig | None = None,
+                 generator: torch.Generator | None = None) -> Tokens:
+        raise NotImplementedError
+
+    def forward(self, tokens: Tokens, cond: Condition) -> dict:
+        return self.loss(tokens, cond)
+
+    def check_tokens(self, tokens: Tokens) -> Tokens:
+        if not isinstance(tokens, Tokens) or tokens.spec != self.spec:
+            got = tokens.spec.describe() if isinstance(tokens, Tokens) else type(tokens).__name__
+            raise ValueError(f"{self.registry_name or type(self).__name__} was built for "
+                             f"[{self.spec.describe()}], got [{got}]")
+        return tokens

@@ -1,0 +1,65 @@
+"""`ZooModule`: an ``nn.Module`` that remembers its constructor arguments.
+
+Every registered model subclasses it, so a checkpoint can be a JSON config (class + the
+exact arguments) next to a safetensors file, with nothing pickled (see ``zoo.checkpoint``).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch.nn as nn
+
+
+class ZooModule(nn.Module):
+    #: set by ``zoo.create``; saved into ``config.json`` so ``arzoo info`` can name it
+    registry_name: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        orig = cls.__dict__["__init__"]
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)
+        def __init__(self, *args, **kw):
+            # Only the most-derived constructor (the first to run) records the arguments.
+            if "_zoo_config" not in self.__dict__:
+                bound = sig.bind(self, *args, **kw)
+                bound.apply_defaults()
+                cfg = {}
+                for name, p in sig.parameters.items():
+                    if name == "self":
+                        continue
+                    if p.kind is p.VAR_KEYWORD:
+                        cfg.update(bound.arguments.get(name, {}))
+                    elif p.kind is p.VAR_POSITIONAL:
+                        if bound.arguments.get(name):
+                            raise TypeError(f"{cls.__name__}: *args cannot be saved in a config")
+                    else:
+                        cfg[name] = bound.arguments[name]
+                object.__setattr__(self, "_zoo_config", cfg)
+            orig(self, *args, **kw)
+
+        cls.__init__ = __init__
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments this module was built with."""
+        return dict(self.__dict__.get("_zoo_config", {}))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory) -> None:
+        from zoo.checkpoint import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu"):
+        from zoo.checkpoint import load_pretrained
+        model = load_pretrained(directory, map_location=map_location)
+        if not isinstance(model, cls):
+            raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
