@@ -105,6 +105,16 @@ class Generator(ZooModule):
     def forward(self, tokens: Tokens, cond: Condition) -> dict:
         return self.loss(tokens, cond)
 
+    def example_condition(self, batch: int = 2, generator: torch.Generator | None = None) -> Condition:
+        """A random valid condition for this generator (class ids and/or word ids)."""
+        cfg = self.config
+        labels = text = None
+        if cfg.get("num_classes"):
+            labels = torch.randint(0, cfg["num_classes"], (batch,), generator=generator)
+        if cfg.get("text_vocab_size"):
+            text = torch.randint(1, cfg["text_vocab_size"], (batch, cfg.get("text_len", 16)), generator=generator)
+        return Condition(labels, text)
+
     def check_tokens(self, tokens: Tokens) -> Tokens:
         if not isinstance(tokens, Tokens) or tokens.spec != self.spec:
             got = tokens.spec.describe() if isinstance(tokens, Tokens) else type(tokens).__name__

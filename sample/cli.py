@@ -1,0 +1,220 @@
+"""``arzoo sample`` / ``python -m sample``: sample images from a tokenizer + generator.
+
+::
+
+    python -m sample --tokenizer tokenizer/vq-tiny:shapes --generator generator/raster-ar-tiny:shapes \\
+        --classes all --num 8 --cfg 2.0 --seed 0 --out outputs/samples
+    python -m sample --tokenizer ckpt/tok --generator ckpt/gen --prompts "a red circle" @more.txt --out out
+
+Writes into ``--out``:
+
+``00000.png ...``  one PNG per sample, condition-major (condition ``c``, repeat ``j`` ->
+                   index ``c * num + j``);
+``grid.png``       rows = classes / prompts, columns = the ``--num`` samples of each;
+``samples.npz``    ``arr_0``: uint8 (N, H, W, 3), the ADM evaluator layout (Dhariwal & Nichol
+                   2021, guided-diffusion ``evaluations/``), plus ``arr_1`` (class ids) for
+                   class-conditional runs, as ADM's sampler writes;
+``samples.json``   the settings and each sample's condition.
+
+Same seed, batch size and device -> identical files (``zoo.pipeline`` explains why the batch
+size is part of the key).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_PNG = re.compile(r"^\d{5,}\.png$")
+_OUTPUTS = ("grid.png", "samples.npz", "samples.json")
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """``"all"``, ``"0,1,2"``, ``"0-29"`` or a mix (``"0-4,7"``) -> class ids (order kept)."""
+    text = text.strip()
+    if text == "all":
+        if not num_classes:
+            raise ValueError("--classes all needs a class-conditional generator")
+        return list(range(num_classes))
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(-?\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise ValueError(f"--classes: expected 'all', ids '0,1,2' or ranges '0-29', got {part!r}")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"--classes: empty range {part!r}")
+        out.extend(range(lo, hi + 1))
+    if not out:
+        raise ValueError(f"--classes: no class ids in {text!r}")
+    return out
+
+
+def read_prompts(values: list[str]) -> list[str]:
+    """Prompt strings; ``@file.txt`` expands to the file's non-empty lines."""
+    out = []
+    for v in values:
+        if v.startswith("@"):
+            path = Path(v[1:])
+            if not path.is_file():
+                raise ValueError(f"--prompts: prompt file {path} does not exist")
+            out.extend(line.strip() for line in path.read_text().splitlines() if line.strip())
+        else:
+            out.append(v)
+    if not out:
+        raise ValueError("--prompts: no prompts given")
+    return out
+
+
+def _extra(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--extra takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="arzoo sample", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("models (checkpoint folder, registry name, or name:tag for shipped weights)")
+    m.add_argument("--tokenizer", required=True)
+    m.add_argument("--generator", required=True)
+    c = p.add_argument_group("conditions")
+    c.add_argument("--classes", help="'all', '0,1,2', '0-29' (default: all, for a class-conditional generator)")
+    c.add_argument("--prompts", nargs="+", metavar="PROMPT", help="captions, or @file.txt (one per line)")
+    c.add_argument("--num", type=int, default=4, help="samples per class / prompt (default 4)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale s in u + s(c - u)")
+    s.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="0 = off")
+    s.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    s.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="scheme-specific knob for SamplingConfig.extra (value parsed as JSON), repeatable")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64, help="part of the reproducibility key, with --seed")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r.add_argument("--grid-max-rows", type=int, default=64, help="grid.png shows at most this many conditions")
+    r.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    old = [f for f in out.iterdir() if f.name in _OUTPUTS or _PNG.match(f.name)]
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds samples ({old[0].name}, ...); pass --overwrite "
+                              f"or choose another --out")
+    for f in old:  # only our own outputs, so a smaller rerun leaves no stale PNGs behind
+        f.unlink()
+
+
+def write_outputs(out: Path, images: torch.Tensor, rows: int, cols: int, labels, meta: dict,
+                  grid_max_rows: int = 64) -> None:
+    """PNGs, grid.png, samples.npz (ADM ``arr_0``) and samples.json for ``images`` (N, H, W, 3)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    arr = images.numpy()
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(out / f"{i:05d}.png")
+    shown = images[: min(rows, grid_max_rows) * cols].permute(0, 3, 1, 2)
+    grid = make_grid(shown, nrow=cols, padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(out / "grid.png")
+    if labels is not None:
+        np.savez(out / "samples.npz", arr_0=arr, arr_1=np.asarray(labels, dtype=np.int64))
+    else:
+        np.savez(out / "samples.npz", arr_0=arr)
+    (out / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def run(args) -> Path:
+    from generators.base import SamplingConfig
+    from zoo.pipeline import Pipeline, class_conditioning
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.load(args.tokenizer, args.generator, device=device)
+    sampling = SamplingConfig(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, extra=_extra(args.extra))
+
+    classes = prompts = None
+    if args.classes is not None:
+        classes = parse_classes(args.classes, class_conditioning(pipe.generator))
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
+    if classes is None and prompts is None:
+        if not class_conditioning(pipe.generator):
+            raise ValueError(f"{pipe.describe()['generator']} is not class-conditional: pass --prompts")
+        classes = parse_classes("all", class_conditioning(pipe.generator))
+    if classes is not None and prompts is not None and len(classes) != len(prompts):
+        raise ValueError(f"--classes and --prompts pair up one to one: got {len(classes)} and {len(prompts)}")
+    conds = len(classes if classes is not None else prompts)
+    rep = lambda xs: None if xs is None else [x for x in xs for _ in range(args.num)]  # noqa: E731
+    per_classes, per_prompts = rep(classes), rep(prompts)
+    pipe.make_condition(per_classes, per_prompts)  # validate before touching --out
+
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
+    images = pipe.generate(per_classes, per_prompts, sampling=sampling, seed=args.seed,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    n = images.shape[0]
+    samples = []
+    for i in range(n):
+        s = {"index": i, "file": f"{i:05d}.png"}
+        if per_classes is not None:
+            s["class"] = per_classes[i]
+        if per_prompts is not None:
+            s["prompt"] = per_prompts[i]
+        samples.append(s)
+    meta = {
+        "tokenizer": args.tokenizer, "generator": args.generator,
+        "tokenizer_model": pipe.describe()["tokenizer"], "generator_model": pipe.describe()["generator"],
+        "spec": pipe.tokenizer.spec.describe(),
+        "sampling": asdict(sampling), "seed": args.seed, "batch_size": args.batch_size,
+        "device": str(pipe.device), "torch": torch.__version__,
+        "num_per_condition": args.num, "num_conditions": conds, "num_samples": n,
+        "image_shape": list(images.shape[1:]),
+        "reproducible_with": "same seed, batch_size, device and conditions (see zoo/pipeline.py)",
+        "samples": samples,
+    }
+    write_outputs(out, images, conds, args.num, per_classes, meta, args.grid_max_rows)
+    return out
+
+
+def main(argv=None) -> int:
+    from zoo.checkpoint import CheckpointError
+    from zoo.registry import UnknownModel
+    from zoo.tokens import IncompatibleTokens
+
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except (ValueError, FileExistsError, FileNotFoundError, UnknownModel, CheckpointError,
+            IncompatibleTokens) as e:
+        # Bad input: one clean line, not a traceback.
+        print(f"arzoo sample: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/grid.png, samples.npz, samples.json and the PNGs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The ``arzoo`` command line (also ``python -m zoo``).
+
+``arzoo list [PATTERN]``   the registry as a table: name, params, token kind/layout, paper
+``arzoo info NAME``        one model: parameters, token spec, paper, weights, config
+``arzoo demo``             the main job on the embedded Shapes default (see zoo/demo.py)
+``arzoo train SCRIPT ...`` tokenizer | extract | generator (train/)
+``arzoo sample ...``       sampling CLI (sample/)
+``arzoo bench ...``        sampling benchmark (eval/bench.py)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _fmt_params(n) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(int(n))
+
+
+def _table(rows, headers) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_list(args) -> int:
+    from zoo import registry
+
+    names = registry.list_models(args.pattern, pretrained=args.pretrained)
+    if not names:
+        print(f"no registered model matches {args.pattern!r}")
+        return 1
+    rows = []
+    for name in names:
+        e = registry.entry(name)
+        try:
+            i = registry.info(name)
+            params, spec = _fmt_params(i["params"]), i["spec"] or "-"
+        except Exception as err:  # a broken entry must not hide the others
+            params, spec = "?", f"error: {err}"
+        rows.append([name, params, spec, ",".join(e.weights) or "-", (e.paper or "-")[:60]])
+    print(_table(rows, ["name", "params", "tokens", "weights", "paper"]))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from zoo import registry
+
+    i = registry.info(args.name)
+    if args.json:
+        print(json.dumps(i, indent=2, default=str))
+        return 0
+    print(f"{i['name']}  ({i['class']})")
+    pp = f"  (paper: {_fmt_params(i['paper_params'])}, {100 * (i['params'] / i['paper_params'] - 1):+.1f}%)" \
+        if i["paper_params"] else ""
+    print(f"  params : {i['params']:,} = {_fmt_params(i['params'])}{pp}")
+    print(f"  tokens : {i['spec'] or '-'}")
+    print(f"  paper  : {i['paper'] or '-'}")
+    if i["description"]:
+        print(f"  about  : {i['description']}")
+    print(f"  weights: {', '.join(f'{k} -> {v}' for k, v in i['weights'].items()) or 'none shipped'}")
+    print("  config :")
+    for k, v in i["config"].items():
+        v = v.describe() if hasattr(v, "describe") else v
+        print(f"    {k} = {v}")
+    return 0
+
+
+PASSTHROUGH = {
+    "demo": ("zoo.demo", "train (or load) the tiny models on Shapes and sample grids"),
+    "train": ("train.__main__", "training scripts: tokenizer | extract | generator"),
+    "sample": ("sample.cli", "sample images from a tokenizer + generator"),
+    "bench": ("eval.bench", "sampling benchmark table"),
+}
+
+
+def _run_passthrough(cmd: str, rest: list) -> int:
+    import importlib
+
+    return importlib.import_module(PASSTHROUGH[cmd][0]).main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="arzoo", description="arzoo: autoregressive image tokenizers and generators")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("list", help="list registered models")
+    q.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'generator/*-tiny'")
+    q.add_argument("--pretrained", action="store_true", help="only models with shipped weights")
+    q.set_defaults(func=cmd_list)
+    q = sub.add_parser("info", help="show one model")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_info)
+    for name, (_, helptext) in PASSTHROUGH.items():
+        # Listed for --help only: main() hands these commands their raw arguments.
+        sub.add_parser(name, help=helptext, add_help=False)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return _run_passthrough(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyError as e:  # UnknownModel and friends: one clean line, not a traceback
+        from zoo.registry import UnknownModel
+        if isinstance(e, UnknownModel):
+            print(f"arzoo: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
