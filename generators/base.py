@@ -21,22 +21,29 @@ class Condition:
     ``labels``: (B,) int64 class ids; ``-1`` marks the null class for that row.
     ``text``:   (B, L) int64 word ids from ``zoo.data.text`` (0 = padding; an all-padding
                 row is the null caption).
+    ``batch``:  the batch size of an unconditional request (``Condition(batch=8)``); ignored
+                when labels or text are given.
     """
 
     labels: torch.Tensor | None = None
     text: torch.Tensor | None = None
+    batch: int | None = None
 
     @property
     def batch_size(self) -> int:
         for t in (self.labels, self.text):
             if t is not None:
                 return t.shape[0]
-        raise ValueError("an empty Condition has no batch size; pass labels or text")
+        if self.batch is None:
+            raise ValueError("an empty Condition has no batch size; pass labels, text or batch=B")
+        return int(self.batch)
 
     def to(self, device) -> "Condition":
-        return Condition(*(None if t is None else t.to(device) for t in (self.labels, self.text)))
+        return Condition(*(None if t is None else t.to(device) for t in (self.labels, self.text)), self.batch)
 
     def __getitem__(self, idx) -> "Condition":
+        if self.labels is None and self.text is None:
+            return Condition(batch=len(range(self.batch_size)[idx]))
         return Condition(*(None if t is None else t[idx] for t in (self.labels, self.text)))
 
     @staticmethod
@@ -93,6 +100,8 @@ class Generator(ZooModule):
     """
 
     spec: TokenSpec
+    # Optional ``trunk``: the dotted name of the network whose calls count as forward steps in
+    # ``eval.bench`` (not declared here: a class attribute would shadow a submodule so named).
 
     def loss(self, tokens: Tokens, cond: Condition) -> dict:
         raise NotImplementedError

@@ -46,6 +46,8 @@ class RasterAR(Generator):
         text_depth: layers of the word text encoder.
     """
 
+    trunk = "transformer"
+
     def __init__(self, spec: TokenSpec, num_classes: int | None = None, text_vocab_size: int | None = None,
                  text_len: int = 16, dim: int = 256, depth: int = 6, heads: int = 4, ffn_multiple: int = 256,
                  dropout: float = 0.0, token_dropout: float = 0.0, class_dropout: float = 0.1,
@@ -98,12 +100,11 @@ class RasterAR(Generator):
         return torch.cat((torch.full((P,), -1, device=device), idx))
 
     def _batch(self, cond: Condition | None, fallback: int | None = None) -> int:
-        if cond is not None and (cond.labels is not None or cond.text is not None):
-            return cond.batch_size
-        if fallback is None:
-            raise ValueError("an empty Condition has no batch size: pass labels/text, or "
-                             "SamplingConfig(extra={'batch_size': B}) for unconditional sampling")
-        return int(fallback)
+        if fallback is not None:
+            return int(fallback)
+        if cond is None:
+            raise ValueError("pass a Condition (Condition(batch=B) for unconditional sampling)")
+        return cond.batch_size
 
     # ---- training ---------------------------------------------------------------------
     def logits(self, tokens: Tokens, cond: Condition | None) -> torch.Tensor:
@@ -160,7 +161,7 @@ class RasterAR(Generator):
 
     def _cached_decode_eval(self, cond, sampling, generator, teacher, batch):
         dev = self.head.proj.weight.device
-        B = self._batch(cond, batch if batch is not None else sampling.extra.get("batch_size"))
+        B = self._batch(cond, batch)
         cond = cond.to(dev) if cond is not None else None
         N, P = self.num_tokens, self.prefix_len
         prefix = self.cond_encoder(cond, batch=B)

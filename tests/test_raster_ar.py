@@ -136,9 +136,9 @@ def test_greedy_generation_is_consistent_with_full_logits():
 def test_unconditional_model_samples_with_batch_size():
     m = _model(classes=False)
     assert m.prefix_len == 1
-    out = m.generate(Condition(), SamplingConfig(cfg=3.0, extra={"batch_size": 2}), torch.Generator().manual_seed(0))
+    out = m.generate(Condition(batch=2), SamplingConfig(cfg=3.0), torch.Generator().manual_seed(0))
     assert out.batch_size == 2
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="no batch size"):
         m.generate(Condition())
     toks = random_tokens(GRID, 2)
     torch.testing.assert_close(m.cached_logits(toks, None), m.logits(toks, None), atol=1e-5, rtol=1e-5)

@@ -142,3 +142,17 @@ def test_hub_entrypoints_load_locally():
         m = torch.hub.load(str(ROOT), fn, source="local", trust_repo=True, device=None if tiny else "meta")
         assert m.registry_name == name
         assert m.num_params() == registry.info(name)["params"]
+
+
+def test_half_precision_export_loads_back(tmp_path, monkeypatch):
+    import zoo.checkpoint as ck
+    monkeypatch.setattr(ck, "_TRUSTED_PACKAGES", ck._TRUSTED_PACKAGES + ("toys",))
+    m = ToyTokenizer(image_size=8, vocab=16)
+    m.save_pretrained(tmp_path / "f32")
+    m.save_pretrained(tmp_path / "f16", dtype=torch.float16)
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("f16") < 0.6 * size("f32")
+    back = load_pretrained(tmp_path / "f16")
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    torch.testing.assert_close(back.table.weight, m.table.weight, atol=1e-3, rtol=1e-3)
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["stored_dtype"] == "float16"

@@ -182,7 +182,8 @@ def _extract(tmp_path, tok_dir, num=12, flip=True, shard_size=5, name="tokens") 
 def test_flag_helpers(tmp_path):
     import argparse
 
-    from train.common import add_common_args, lr_lambda, parse_args, parse_num_objects, parse_overrides
+    from train.common import add_common_args, parse_args, parse_num_objects, parse_overrides
+    from train.loop import lr_lambda
 
     assert parse_overrides(["depth=4", "dims=[64, 128]", "name=foo", "p=0.5", "flag=true"]) == \
         {"depth": 4, "dims": [64, 128], "name": "foo", "p": 0.5, "flag": True}
@@ -218,7 +219,7 @@ def test_flag_helpers(tmp_path):
 
 
 def test_ema_and_sampler():
-    from train.common import EMA, EpochSampler
+    from train.loop import EMA, EpochSampler
 
     m = nn.Linear(2, 2)
     ema = EMA(m, 0.5)

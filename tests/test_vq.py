@@ -184,7 +184,7 @@ def test_decode_matches_forward_reconstruction(tiny):
 def test_forward_losses_are_finite(tiny):
     tiny.train()
     try:
-        recon, losses = tiny(tiny.example_images(2, torch.Generator().manual_seed(0)))
+        _, losses = tiny(tiny.example_images(2, torch.Generator().manual_seed(0)))
     finally:
         tiny.eval()
     assert {"loss", "rec", "commit", "codebook", "entropy", "usage", "perplexity"} <= set(losses)

@@ -8,8 +8,8 @@
 
 Each script also runs as ``python -m train.<script>`` and ``accelerate launch -m train.<script>``
 (multi-process data parallel; ``--batch-size`` is the global batch). Shared flags, the
-training loop (exact resume, EMA, checkpoint rotation, JSONL log) and the token-shard
-format live in :mod:`train.common` and :mod:`train.extract`.
+flags and data live in :mod:`train.common`, the training loop (exact resume, EMA, checkpoint
+rotation, JSONL log) in :mod:`train.loop`, and the token-shard format in :mod:`train.extract`.
 """
 
 SCRIPTS = ("tokenizer", "extract", "generator")

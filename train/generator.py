@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from generators.base import Condition
-from train.common import (Trainer, add_common_args, build_model, make_accelerator, parse_args, seed_all,
-                          step_seed)
+from train.common import add_common_args, build_model, parse_args
+from train.loop import Trainer, make_accelerator, seed_all, step_seed
 from train.extract import TokenShardDataset, to_tokens
 
 CONDS = ("class", "text", "both")

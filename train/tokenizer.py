@@ -27,8 +27,9 @@ import sys
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from train.common import (Trainer, add_common_args, build_image_dataset, build_model, collate_images,
-                          make_accelerator, parse_args, parse_num_objects, seed_all)
+from train.common import (add_common_args, build_image_dataset, build_model, collate_images, parse_args,
+                          parse_num_objects)
+from train.loop import Trainer, make_accelerator, seed_all
 
 
 def build_parser() -> argparse.ArgumentParser:

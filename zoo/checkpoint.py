@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from zoo.tokens import spec_from_json, spec_to_json
 
@@ -27,7 +27,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder that is missing, truncated, corrupt or does not fit its config."""
 
 
-def save_pretrained(model: torch.nn.Module, directory) -> Path:
+def save_pretrained(model: torch.nn.Module, directory, dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors``.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type -- used to keep
+    shipped tiny checkpoints small; loading casts them back to the model's own dtype.
+    """
     from zoo.module import ZooModule
 
     if not isinstance(model, ZooModule):
@@ -47,7 +52,19 @@ def save_pretrained(model: torch.nn.Module, directory) -> Path:
         raise TypeError(f"{cls.__name__}: constructor arguments are not JSON-serialisable ({e})") from e
     # Write to temporary names first so an interrupted save never leaves a half checkpoint.
     tmp_w, tmp_c = d / (WEIGHTS_NAME + ".tmp"), d / (CONFIG_NAME + ".tmp")
-    save_model(model, str(tmp_w), metadata={"format": "pt"})
+    if dtype is None:
+        save_model(model, str(tmp_w), metadata={"format": "pt"})
+    else:
+        cfg["stored_dtype"] = str(dtype).replace("torch.", "")
+        text = json.dumps(cfg, indent=2, sort_keys=True)
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():
+            key = (v.data_ptr(), v.dtype, tuple(v.shape))
+            if key in seen:  # an alias of a tied tensor: loading restores it from its twin
+                continue
+            seen.add(key)
+            state[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        save_file(state, str(tmp_w), metadata={"format": "pt"})
     tmp_c.write_text(text + "\n")
     os.replace(tmp_w, d / WEIGHTS_NAME)
     os.replace(tmp_c, d / CONFIG_NAME)

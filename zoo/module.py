@@ -52,9 +52,9 @@ class ZooModule(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, dtype=None) -> None:
         from zoo.checkpoint import save_pretrained
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu"):

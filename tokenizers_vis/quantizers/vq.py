@@ -131,10 +131,10 @@ class VectorQuantizer(nn.Module):
     def _losses(self, z: torch.Tensor, z_q: torch.Tensor, d: torch.Tensor) -> dict:
         commit = F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
         codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
-        if self.legacy:
-            commit, codebook = commit, self.beta * codebook
+        if self.legacy:  # taming's legacy form: beta weights the codebook term
+            codebook = self.beta * codebook
         else:
-            commit, codebook = self.beta * commit, codebook
+            commit = self.beta * commit
         if self.entropy_weight > 0:
             ent = self.entropy_weight * entropy_loss(d, self.entropy_temperature)
         else:
