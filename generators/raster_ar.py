@@ -211,7 +211,7 @@ _PAPER_BASE = dict(spec=_VQ16, num_classes=1000, ffn_multiple=256, dropout=0.1, 
                    class_dropout=0.1)
 
 
-@register("generator/raster-ar-tiny", paper=PAPER,
+@register("generator/raster-ar-tiny", paper=PAPER, weights={"shapes": "weights/generator-raster-ar-tiny"},
           description="LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)")
 def raster_ar_tiny(**overrides):
     """LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)."""

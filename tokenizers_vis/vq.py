@@ -147,7 +147,7 @@ VQ16 = dict(image_size=256, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z
 VQ8 = {**VQ16, "ch_mult": [1, 2, 2, 4]}
 
 
-@register("tokenizer/vq-tiny", paper=LLAMAGEN)
+@register("tokenizer/vq-tiny", paper=LLAMAGEN, weights={"shapes": "weights/tokenizer-vq-tiny"})
 def vq_tiny(**overrides):
     """Tiny LlamaGen-style VQ for Shapes 64x64: f8 -> 8x8 tokens, codebook 1024 x 8 (l2-norm)."""
     return VQTokenizer(**{**TINY, **overrides})

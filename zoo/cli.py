@@ -6,12 +6,14 @@
 ``arzoo train SCRIPT ...`` tokenizer | extract | generator (train/)
 ``arzoo sample ...``       sampling CLI (sample/)
 ``arzoo bench ...``        sampling benchmark (eval/bench.py)
+``arzoo export SRC DST``   copy a checkpoint (``--dtype float16`` for small shipped weights)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _fmt_params(n) -> str:
@@ -72,6 +74,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from zoo.checkpoint import load_pretrained
+
+    model = load_pretrained(args.src)
+    if args.name:
+        model.registry_name = args.name
+    dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    model.save_pretrained(args.dst, dtype=dtype)
+    size = sum(p.stat().st_size for p in Path(args.dst).iterdir())
+    print(f"exported {model.registry_name or type(model).__name__} ({model.num_params():,} params, "
+          f"{args.dtype}) -> {args.dst} ({size / 1e6:.2f} MB)")
+    return 0
+
+
 PASSTHROUGH = {
     "demo": ("zoo.demo", "train (or load) the tiny models on Shapes and sample grids"),
     "train": ("train.__main__", "training scripts: tokenizer | extract | generator"),
@@ -97,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_info)
+    q = sub.add_parser("export", help="copy a checkpoint folder, optionally storing float16 weights")
+    q.add_argument("src", help="checkpoint folder (config.json + model.safetensors)")
+    q.add_argument("dst")
+    q.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    q.add_argument("--name", help="registry name to record in config.json")
+    q.set_defaults(func=cmd_export)
     for name, (_, helptext) in PASSTHROUGH.items():
         # Listed for --help only: main() hands these commands their raw arguments.
         sub.add_parser(name, help=helptext, add_help=False)
