@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zoo.module import ZooModule
-from zoo.tokens import Tokens, TokenSpec
+from zoo.tokens import Tokens, TokenSpec, expect_tokens
 
 
 @dataclass
@@ -125,8 +125,4 @@ class Generator(ZooModule):
         return Condition(labels, text)
 
     def check_tokens(self, tokens: Tokens) -> Tokens:
-        if not isinstance(tokens, Tokens) or tokens.spec != self.spec:
-            got = tokens.spec.describe() if isinstance(tokens, Tokens) else type(tokens).__name__
-            raise ValueError(f"{self.registry_name or type(self).__name__} was built for "
-                             f"[{self.spec.describe()}], got [{got}]")
-        return tokens
+        return expect_tokens(tokens, self.spec, self.registry_name or type(self).__name__)

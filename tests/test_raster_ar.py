@@ -15,12 +15,7 @@ SEQ = TokenSpec("discrete", "sequence", (7,), vocab_size=9, ordered=True)
 PYR = TokenSpec("binary", "pyramid", ((1, 1), (2, 2)), bits=4)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: threads only add overhead
 
 
 def _model(spec=GRID, classes=True, text=False, seed=0, std=0.3, **kw):
@@ -155,7 +150,7 @@ def test_continuous_spec_is_refused_naming_both_sides():
 def test_wrong_spec_tokens_raise_value_error():
     m = _model()
     other = TokenSpec("discrete", "grid", (4, 4), vocab_size=17)
-    with pytest.raises(ValueError, match=r"built for \[discrete/grid 3x4 V=17\]"):
+    with pytest.raises(ValueError, match=r"expects tokens \[discrete/grid 3x4 V=17\], got \[discrete/grid 4x4 V=17\]"):
         m.loss(random_tokens(other, 2), _cond(B=2))
     with pytest.raises(ValueError, match="batch"):
         m.loss(random_tokens(GRID, 2), _cond(B=3))

@@ -12,12 +12,7 @@ from generators.transformer import (Block, KVCache, RotaryEmbedding, Transformer
 from zoo.tokens import IncompatibleTokens, TokenSpec
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: threads only add overhead
 
 
 def _randomize(module, std=0.2, seed=0):

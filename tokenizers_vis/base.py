@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from zoo.module import ZooModule
-from zoo.tokens import Tokens, TokenSpec
+from zoo.tokens import Tokens, TokenSpec, expect_tokens
 
 
 class Tokenizer(ZooModule):
@@ -47,11 +47,7 @@ class Tokenizer(ZooModule):
         return images
 
     def check_tokens(self, tokens: Tokens) -> Tokens:
-        if not isinstance(tokens, Tokens) or tokens.spec != self.spec:
-            got = tokens.spec.describe() if isinstance(tokens, Tokens) else type(tokens).__name__
-            raise ValueError(f"{self.registry_name or type(self).__name__}: decode expects "
-                             f"[{self.spec.describe()}], got [{got}]")
-        return tokens
+        return expect_tokens(tokens, self.spec, f"{self.registry_name or type(self).__name__}.decode")
 
     def example_images(self, batch: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.rand(batch, 3, self.image_size, self.image_size, generator=generator) * 2 - 1

@@ -301,6 +301,14 @@ class Tokens:
         return f"Tokens(B={self.batch_size}, {self.spec.describe()})"
 
 
+def expect_tokens(tokens, spec: TokenSpec, who: str) -> Tokens:
+    """Return ``tokens`` if they are :class:`Tokens` of exactly ``spec``; else a ValueError naming ``who``."""
+    if not isinstance(tokens, Tokens) or tokens.spec != spec:
+        got = tokens.spec.describe() if isinstance(tokens, Tokens) else type(tokens).__name__
+        raise ValueError(f"{who} expects tokens [{spec.describe()}], got [{got}]")
+    return tokens
+
+
 def random_tokens(spec: TokenSpec, batch: int, generator: torch.Generator | None = None) -> Tokens:
     """Valid random tokens of ``spec`` (for tests, benchmarks and shape checks)."""
     shapes = [(batch, h, w, *spec.per_token) for h, w in spec.scales] if spec.layout != "sequence" \
