@@ -317,3 +317,13 @@ def test_loader_batches():
     ds = S.ShapesDataset("test", 64, (1, 4), length=16)
     assert torch.equal(b["image"][3], ds[3]["image"])
     assert re.fullmatch(r"[a-z ]+", b["caption"][0])
+
+
+def test_detect_reports_unshaped_blobs_without_crashing():
+    # A thin full-width stripe fits no square template: generated images can contain such blobs.
+    from zoo.data.shapes import PALETTE, UNKNOWN, classify, detect
+    img = np.full((64, 64, 3), 128, dtype=np.uint8)
+    img[30:34, :] = PALETTE["red"]
+    objs = detect(img)
+    assert len(objs) == 1 and objs[0]["shape"] == UNKNOWN and objs[0]["color"] == "red"
+    assert classify(img) == -1

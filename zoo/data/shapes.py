@@ -36,6 +36,7 @@ from zoo.data import text as _text
 # ---------------------------------------------------------------------------- vocabulary
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+UNKNOWN = "unknown"  # shape reported by detect() for a blob that fits no shape template
 #: The 10 GenEval colour names, in GenEval's order.
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink",
                            "brown", "black", "white")
@@ -454,8 +455,8 @@ def _mask_offsets(shape: str, side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fit_template(alpha: np.ndarray, weight: np.ndarray, bbox: tuple[int, int, int, int]
-                  ) -> tuple[str, tuple[int, int, int], float]:
-    """Best (shape, (x0, y0, side), error per template pixel) for one component.
+                  ) -> tuple[str, tuple[int, int, int], float] | None:
+    """Best (shape, (x0, y0, side), error per template pixel) for one component, or None.
 
     Least-squares fit of a rendered hard mask to the component's alpha map over a window:
     ``sum w (alpha - mask)^2`` for every shape, every side within 2 px of the thresholded
@@ -491,8 +492,8 @@ def _fit_template(alpha: np.ndarray, weight: np.ndarray, bbox: tuple[int, int, i
                 t = divmod(int(base[k]), w)
                 best = (float(err[k]), shape, (t[1], t[0], side))
     err, shape, box = best
-    if not shape:
-        raise RuntimeError("_fit_template: no placement fits inside the window")
+    if not shape:  # e.g. a long thin stripe: no square template fits the window
+        return None
     npix = len(_mask_offsets(shape, box[2])[0])
     return shape, box, (err + const) / max(npix, 1)
 
@@ -551,7 +552,14 @@ def detect(image, min_area: int | None = None) -> list[dict]:
         a = np.clip(v @ _DIR[color] / _DIR_SQ[color], 0.0, 1.0)
         wl = lab[wy0:wy1, wx0:wx1]
         weight = ((wl == cid) | (wl < 0)).astype(np.float32)
-        shape, (bx, by, side), err = _fit_template(a, weight, (x0 - wx0, y0 - wy0, x1 - wx0, y1 - wy0))
+        fit = _fit_template(a, weight, (x0 - wx0, y0 - wy0, x1 - wx0, y1 - wy0))
+        if fit is None:
+            # Not shaped like any object (generated images can contain such blobs): report
+            # it, so counts stay honest, as an object of unknown shape.
+            out.append({"shape": UNKNOWN, "color": COLORS[color], "bbox": (x0, y0, x1, y1),
+                        "area": int(cnt), "score": 0.0})
+            continue
+        shape, (bx, by, side), err = fit
         tb = _tight_bbox(shape, wx0 + bx, wy0 + by, side)
         out.append({"shape": shape, "color": COLORS[color], "bbox": tb, "area": int(cnt),
                     "score": purity * float(np.clip(1.0 - 2.0 * err, 0.0, 1.0))})
@@ -562,7 +570,7 @@ def detect(image, min_area: int | None = None) -> list[dict]:
 def classify(image, min_area: int | None = None) -> int:
     """Class id of a single-object image, or -1 unless exactly one object is detected."""
     objs = detect(image, min_area=min_area)
-    if len(objs) != 1:
+    if len(objs) != 1 or objs[0]["shape"] == UNKNOWN:
         return -1
     return class_id(objs[0]["shape"], objs[0]["color"])
 
