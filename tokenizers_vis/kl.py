@@ -90,7 +90,7 @@ KL16 = dict(image_size=256, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, z
             latent_channels=16, scale_factor=0.2325, level_attn=True, mid_attn=True, norm_groups=32)
 
 
-@register("tokenizer/kl-tiny", paper=MAR)
+@register("tokenizer/kl-tiny", paper=MAR, weights={"shapes": "weights/tokenizer-kl-tiny"})
 def kl_tiny(**overrides):
     """Tiny KL VAE for Shapes 64x64: f8 -> continuous 8x8 tokens of 8 channels."""
     return KLTokenizer(**{**TINY, **overrides})

@@ -97,7 +97,7 @@ VAR_VAE = dict(image_size=256, ch=160, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2
                mid_attn=True, norm_groups=32)
 
 
-@register("tokenizer/msvq-tiny", paper=VAR)
+@register("tokenizer/msvq-tiny", paper=VAR, weights={"shapes": "weights/tokenizer-msvq-tiny"})
 def msvq_tiny(**overrides):
     """Tiny VAR multi-scale VQ for Shapes 64x64: f8, scales (1,2,3,4,6,8) -> 130 tokens, V=1024."""
     return MultiScaleVQTokenizer(**{**TINY, **overrides})
