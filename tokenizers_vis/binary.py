@@ -12,7 +12,6 @@ and a 1x1 ``post_quant_conv`` maps the code values back. Tokens are a binary gri
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokenizers_vis.quantizers.binary import BinaryQuantizer
 from tokenizers_vis.vq import VQTokenizer
@@ -60,9 +59,7 @@ class BinaryTokenizer(VQTokenizer):
         """``(recon, losses)``: ``loss = L2 (+ l1) + commit + entropy`` (weights in the quantizer)."""
         z_q, _, q = self.quantize(images)
         recon = self.decode_latents(z_q)
-        rec = F.mse_loss(recon, images)
-        if self.l1_weight > 0:
-            rec = rec + self.l1_weight * F.l1_loss(recon, images)
+        rec = self.reconstruction_loss(recon, images)
         loss = rec + q["loss"]
         losses = {"loss": loss, "rec": rec.detach(), "commit": q["commit"].detach(),
                   "entropy": q["entropy"].detach(), "sample_entropy": q["sample_entropy"],

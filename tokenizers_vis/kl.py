@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tokenizers_vis.quantizers.kl import KLBottleneck
 from tokenizers_vis.vq import VQTokenizer
@@ -75,9 +74,7 @@ class KLTokenizer(VQTokenizer):
         """``(recon, losses)`` from a posterior sample: ``loss = L2 (+ l1) + kl_weight * KL``."""
         latent, q = self.quantize(images, sample=sample, generator=generator)
         recon = self.decode_latents(latent)
-        rec = F.mse_loss(recon, images)
-        if self.l1_weight > 0:
-            rec = rec + self.l1_weight * F.l1_loss(recon, images)
+        rec = self.reconstruction_loss(recon, images)
         loss = rec + q["loss"]
         return recon, {"loss": loss, "rec": rec.detach(), "kl": q["kl"].detach()}
 

@@ -14,7 +14,6 @@ VAR's VQVAE (``vae_ch160v4096z32``): vocab 4096, Cvae 32, ch 160, ch_mult [1, 1,
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tokenizers_vis.quantizers.multiscale import VAR_SCALES, MultiScaleVQ
 from tokenizers_vis.vq import VQTokenizer
@@ -79,9 +78,7 @@ class MultiScaleVQTokenizer(VQTokenizer):
         """``(recon, losses)``: ``loss = L2 (+ l1_weight * L1) + VAR's multi-scale VQ loss``."""
         f_hat, _, q = self.quantize(images)
         recon = self.decode_latents(f_hat)
-        rec = F.mse_loss(recon, images)
-        if self.l1_weight > 0:
-            rec = rec + self.l1_weight * F.l1_loss(recon, images)
+        rec = self.reconstruction_loss(recon, images)
         loss = rec + q["loss"]
         losses = {"loss": loss, "rec": rec.detach(), "commit": q["commit"].detach(),
                   "codebook": q["codebook"].detach(), "usage": q["usage"], "perplexity": q["perplexity"]}

@@ -112,6 +112,13 @@ class VQTokenizer(Tokenizer):
         self.check_tokens(tokens)
         return self.decode_latents(self.quantizer.lookup(tokens.data.to(self.last_layer.device)))
 
+    def reconstruction_loss(self, recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """L2 (+ ``l1_weight`` x L1) pixel loss, shared by every tokenizer built on this one."""
+        rec = F.mse_loss(recon, images)
+        if self.l1_weight > 0:
+            rec = rec + self.l1_weight * F.l1_loss(recon, images)
+        return rec
+
     def forward(self, images: torch.Tensor):
         """Training step: ``(recon, losses)``; ``losses["loss"]`` is the total to back-propagate.
 
@@ -121,9 +128,7 @@ class VQTokenizer(Tokenizer):
         """
         z_q, _, q = self.quantize(images)
         recon = self.decode_latents(z_q)
-        rec = F.mse_loss(recon, images)
-        if self.l1_weight > 0:
-            rec = rec + self.l1_weight * F.l1_loss(recon, images)
+        rec = self.reconstruction_loss(recon, images)
         loss = rec + q["commit"] + self.codebook_weight * q["codebook"] + q["entropy"]
         losses = {"loss": loss, "rec": rec.detach(), "commit": q["commit"].detach(),
                   "codebook": q["codebook"].detach(), "entropy": q["entropy"].detach(),
