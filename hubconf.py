@@ -7,7 +7,7 @@ Every registered model ``kind/name-size`` is an entry point ``kind_name_size``::
 
 Keyword arguments are registry overrides (``spec=...``, ``dim=...``).
 """
-dependencies = ["torch", "safetensors", "einops", "numpy"]
+dependencies = ["torch", "safetensors", "einops", "numpy", "diffusers", "timm"]
 
 import os as _os
 import sys as _sys

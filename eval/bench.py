@@ -344,6 +344,60 @@ def bench_pair(generator: str, tokenizer: str, *, batch: int = 16, grid=None, pr
     }
 
 
+def bench_train_step(generator: str, tokenizer: str, *, batch: int = 16, grid=None, device="cpu",
+                     repeats: int = 3, seed: int = 0) -> dict:
+    """One training-step row: peak memory and time of ``loss`` + ``backward`` on random tokens.
+
+    The generator runs in train mode with gradients on (schemes that trade compute for memory in
+    training, such as MVAR's chunked loss, only show their saving here). One warm-up step, then
+    the peak over ``repeats`` timed steps (gradients freed before each, so they are counted).
+    """
+    from zoo.tokens import IncompatibleTokens, random_tokens
+
+    tok, _ = _load(tokenizer, False)
+    spec = tok.spec if grid is None else _with_grid(tok.spec, grid)
+    try:
+        gen, _ = _load(generator, False, spec=spec)
+    except IncompatibleTokens as e:
+        raise IncompatibleTokens(f"{generator} cannot take the tokens of {tokenizer}: {e}") from e
+    del tok
+    gen.to(device).train()
+    tokens = random_tokens(gen.spec, batch, generator=torch.Generator().manual_seed(seed)).to(device)
+    cond = _condition(gen, batch).to(device)
+
+    def step():
+        gen.zero_grad(set_to_none=True)
+        gen.loss(tokens, cond)["loss"].backward()
+
+    torch.manual_seed(seed)
+    step()
+    gen.zero_grad(set_to_none=True)
+    with PeakMemory(device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _sync(device)
+        dt = (time.perf_counter() - t0) / repeats
+    return {"generator": generator, "tokenizer": tokenizer, "tokens": gen.spec.describe(),
+            "generator_params": gen.num_params(), "device": str(device), "threads": torch.get_num_threads(),
+            "batch": batch, "seconds_per_step": dt, "peak_mib": mem.peak_mib, "memory_method": mem.method}
+
+
+def format_train_table(rows: list[dict]) -> str:
+    """Markdown table of training-step rows."""
+    head = ["generator", "tokens", "params", "batch", "s/step", "peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        if "error" in r:
+            cells = [r["generator"], f"error: {r['error']}", "", "", "", ""]
+        else:
+            cells = [r["generator"], r["tokens"], _fmt_params(r["generator_params"]), str(r["batch"]),
+                     f"{r['seconds_per_step']:.3f}", f"{r['peak_mib']:.1f}"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
 # ---- output --------------------------------------------------------------------------------
 def _fmt_params(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -405,10 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--train-step", action="store_true",
+                   help="measure one training step (loss + backward, train mode) instead of sampling")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--kernels" in argv:  # fused sampling kernel benchmark (eval/bench_kernels.py)
+        from eval.bench_kernels import main as kernels_main
+        return kernels_main([a for a in argv if a != "--kernels"])
     from generators.base import SamplingConfig
 
     args = build_parser().parse_args(argv)
@@ -427,6 +487,25 @@ def main(argv=None) -> int:
         if not pairs:
             print(f"bench: no pairs for {args.generators!r} x {args.tokenizers!r}", file=sys.stderr)
             return 1
+    if args.train_step:
+        rows = []
+        for g, t in pairs:
+            try:
+                rows.append(bench_train_step(g, t, batch=args.batch, grid=args.grid, device=device,
+                                             repeats=args.repeats))
+            except Exception as e:  # noqa: BLE001
+                print(f"bench: {g} + {t} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"generator": g, "tokenizer": t, "error": f"{type(e).__name__}: {e}"})
+        ok = [r for r in rows if "error" not in r]
+        print(f"Training-step benchmark: random-init weights, random tokens; device {device}, "
+              f"{torch.get_num_threads()} threads; loss + backward, mean of {args.repeats} steps after 1 "
+              f"warm-up; peak memory: {ok[0]['memory_method'] if ok else '-'}.")
+        print()
+        print(format_train_table(rows))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 1 if any("error" in r for r in rows) else 0
     sampling = SamplingConfig(cfg=args.cfg)
     rows = []
     for g, t in pairs:

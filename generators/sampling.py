@@ -1,8 +1,10 @@
 """Token sampling: classifier-free guidance, temperature, top-k / top-p, categorical and bits.
 
 This module is the single sampling entry point of the zoo: every generator calls
-:func:`sample_categorical` / :func:`sample_bits`, so fused kernels (``generators/kernels``)
-can later replace them on CUDA behind the same signatures.
+:func:`sample_categorical` / :func:`sample_bits` (and continuous heads :func:`flow_step`).
+On CUDA tensors these dispatch to the fused Triton kernels of ``generators/kernels`` when
+Triton imports and ``ARZOO_KERNELS`` is not ``"0"``; everywhere else the torch code below
+runs (it is also the reference the kernels are tested against).
 
 CFG is always ``u + s·(c − u)`` (Ho & Salimans 2022; LlamaGen §2.2 uses this form); VAR's
 ``(1+t)c − t·u`` is ``s = 1 + t``. ``s`` may be a float or a per-row tensor.
@@ -11,10 +13,21 @@ Randomness: categorical draws use the exponential race ``argmax(p_i / E_i)`` wit
 ``E_i ~ Exp(1)`` (the Gumbel-max trick in another guise, as in gpt-fast), i.e. exactly one
 exponential per logit from ``generator``; bits use one uniform per bit. The same seeded
 ``torch.Generator`` therefore always gives the same tokens.
+
+Keyed RNG: with ``seed=`` (an int) the uniforms come instead from the counter-based Philox
+stream keyed by (seed, row id, token) of :mod:`generators.kernels.rng` (``E = -log U``), the
+stream the kernels use. Then a row's token depends only on its seed, its row id (``rows=``,
+default the flattened row index) and its logits, not on the rest of the batch, and the torch
+path and the fused kernel give the same ids (up to float rounding of the logits). On CUDA
+without ``seed`` the kernels draw a fresh 62-bit seed from ``generator`` on the device (no
+host sync), so results are reproducible per generator state but differ from the CPU stream
+(same distribution).
 """
 from __future__ import annotations
 
 import torch
+
+from generators.kernels.rng import philox_uniform
 
 
 def _row_scale(scale, like: torch.Tensor):
@@ -63,14 +76,83 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
+def _kernels_for(t: torch.Tensor):
+    """The fused-kernel package when ``t`` takes the fused path (CUDA, Triton, ``ARZOO_KERNELS != "0"``), else None."""
+    if not t.is_cuda:
+        return None
+    from generators import kernels
+    return kernels if kernels.enabled_for(t) else None
+
+
+def _draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
+    """A 62-bit kernel seed drawn from ``generator`` as a 1-element tensor on ``device`` (no host sync)."""
+    where = generator.device if generator is not None else device
+    return torch.randint(0, 2**62, (1,), generator=generator, device=where, dtype=torch.int64).to(device)
+
+
+def _keyed_uniforms(seed: int, rows, like: torch.Tensor) -> torch.Tensor:
+    """Uniforms shaped like ``like`` (..., n) from the keyed stream; ``rows`` ids of the leading entries."""
+    n = like.shape[-1]
+    lead = like.shape[:-1]
+    if rows is None:
+        rows = torch.arange(like.numel() // max(n, 1), device=like.device)
+    else:
+        rows = torch.as_tensor(rows, device=like.device)
+        if tuple(rows.shape) != tuple(lead) and rows.numel() != like.numel() // max(n, 1):
+            raise ValueError(f"rows must hold one RNG row id per row {tuple(lead)}, got shape {tuple(rows.shape)}")
+    return philox_uniform(int(seed), rows.reshape(-1), n, device=like.device).reshape(like.shape)
+
+
+def _flat_rows(x: torch.Tensor | None, n: int):
+    return None if x is None else x.reshape(-1, n)
+
+
+def _flat_scale(scale, like: torch.Tensor):
+    """A float, or a per-row scale of the leading dim expanded to every flattened row of ``like``."""
+    s = _row_scale(scale, like)
+    if isinstance(s, float):
+        return s
+    return s.reshape(-1, *([1] * (like.dim() - 2))).expand(like.shape[:-1]).reshape(-1)
+
+
+def _flat_ids(rows) -> torch.Tensor | None:
+    return None if rows is None else torch.as_tensor(rows).reshape(-1)
+
+
+def categorical_probs(logits: torch.Tensor, *, uncond: torch.Tensor | None = None, cfg=1.0,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The float32 distribution ``(..., V)`` that :func:`sample_categorical` draws from (``temperature > 0``)."""
+    if uncond is not None:
+        logits = cfg_logits(logits, uncond, cfg)
+    if not temperature > 0:
+        raise ValueError(f"categorical_probs needs temperature > 0, got {temperature}")
+    return filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+
+
 def sample_categorical(logits: torch.Tensor, *, uncond: torch.Tensor | None = None, cfg=1.0,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, seed: int | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
     """Draw ids from ``(..., V)`` logits -> int64 ``(...)``.
 
     Order: CFG (when ``uncond`` is given) -> temperature -> top-k -> top-p -> draw.
     ``temperature == 0`` returns the argmax of the guided logits (filters cannot change it).
+    ``seed``/``rows``: keyed RNG (module docstring); without ``seed`` the CPU path draws from
+    ``generator`` exactly as before. CUDA tensors go through the fused kernel.
     """
+    kern = _kernels_for(logits)
+    if kern is not None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        V = logits.shape[-1]
+        if uncond is not None and uncond.shape != logits.shape:
+            raise ValueError(f"cond and uncond logits must have the same shape, got {tuple(logits.shape)} "
+                             f"and {tuple(uncond.shape)}")
+        ids = kern.fused_categorical(
+            _flat_rows(logits, V), _flat_rows(uncond, V), _flat_scale(cfg, logits), temperature, top_k, top_p,
+            seed=seed if seed is not None else _draw_seed(generator, logits.device),
+            rows=_flat_ids(rows))
+        return ids.reshape(logits.shape[:-1])
     if uncond is not None:
         logits = cfg_logits(logits, uncond, cfg)
     if temperature < 0:
@@ -79,17 +161,36 @@ def sample_categorical(logits: torch.Tensor, *, uncond: torch.Tensor | None = No
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if seed is None:
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    else:
+        race = -torch.log(_keyed_uniforms(seed, rows, probs))
     return (probs / race).argmax(-1)
 
 
 def sample_bits(logits: torch.Tensor, *, uncond: torch.Tensor | None = None, cfg=1.0,
-                temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                temperature: float = 1.0, generator: torch.Generator | None = None, seed: int | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """Independent Bernoulli bits from per-bit logits ``(..., K)`` -> uint8 ``(..., K)``.
 
     CFG is applied per bit on the logits (as bitwise AR models such as Infinity do);
-    ``temperature`` divides the logits; ``temperature == 0`` thresholds at 0.
+    ``temperature`` divides the logits; ``temperature == 0`` thresholds at 0. ``seed``/``rows``:
+    keyed RNG (bit ``j`` of row ``r`` uses uniform ``(seed, r, j)``). CUDA tensors with
+    ``K <= 128`` go through the fused bitwise kernel.
     """
+    kern = _kernels_for(logits)
+    K = logits.shape[-1] if logits.dim() else 0
+    if kern is not None and 1 <= K <= 128:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if uncond is not None and uncond.shape != logits.shape:
+            raise ValueError(f"cond and uncond logits must have the same shape, got {tuple(logits.shape)} "
+                             f"and {tuple(uncond.shape)}")
+        bits = kern.fused_bits(
+            _flat_rows(logits, K), _flat_rows(uncond, K), _flat_scale(cfg, logits), temperature,
+            seed=seed if seed is not None else _draw_seed(generator, logits.device),
+            rows=_flat_ids(rows))
+        return bits.reshape(logits.shape)
     if uncond is not None:
         logits = cfg_logits(logits, uncond, cfg)
     if temperature < 0:
@@ -97,8 +198,39 @@ def sample_bits(logits: torch.Tensor, *, uncond: torch.Tensor | None = None, cfg
     if temperature == 0:
         return (logits > 0).to(torch.uint8)
     p = torch.sigmoid(logits.float() / temperature)
-    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    if seed is None:
+        u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+    else:
+        u = _keyed_uniforms(seed, rows, p)
     return (u < p).to(torch.uint8)
 
 
-__all__ = ["cfg_logits", "filter_logits", "sample_categorical", "sample_bits"]
+def flow_step(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None, cfg=1.0,
+              dt=1.0) -> torch.Tensor:
+    """One Euler step of a flow-matching ODE with CFG on the velocity: ``x + dt·(u + s·(c − u))``.
+
+    For continuous-token heads (flow matching, Lipman et al. 2023 §2; guidance on the
+    predicted velocity as in SiT/MAR-style heads). ``cfg`` and ``dt`` are floats or per-row
+    ``(B,)`` tensors; computed in float32 and returned in ``x``'s dtype. CUDA tensors go
+    through the fused kernel (one read of each input, one write).
+    """
+    if v_cond.shape != x.shape or (v_uncond is not None and v_uncond.shape != x.shape):
+        raise ValueError(f"x, v_cond, v_uncond must share one shape, got {tuple(x.shape)}, {tuple(v_cond.shape)}, "
+                         f"{None if v_uncond is None else tuple(v_uncond.shape)}")
+    kern = _kernels_for(x)
+    if kern is not None:
+        return kern.fused_flow_step(x, v_cond, v_uncond, cfg, dt)
+    v = v_cond.float()
+    if v_uncond is not None:
+        v = cfg_logits(v, v_uncond.float(), cfg)
+    return (x.float() + _row_scale(dt, v) * v).to(x.dtype)
+
+
+__all__ = [
+    "categorical_probs",
+    "cfg_logits",
+    "filter_logits",
+    "flow_step",
+    "sample_bits",
+    "sample_categorical",
+]

@@ -16,6 +16,12 @@ Writes into ``--out``:
                    class-conditional runs, as ADM's sampler writes;
 ``samples.json``   the settings and each sample's condition.
 
+With ``--geneval-metadata FILE`` (a GenEval prompt file, one metadata object per line; see
+``eval/geneval.py``) the prompts come from the file and ``--out`` gets the official GenEval
+layout instead: ``<idx:05d>/metadata.jsonl`` (that prompt's metadata), ``<idx:05d>/samples/
+<n:05d>.png`` (``--n-per-prompt`` samples, default 4) and ``<idx:05d>/grid.png``, plus
+``samples.json`` with the settings; score it with ``arzoo eval geneval OUT``.
+
 Same seed, batch size and device -> identical files (``zoo.pipeline`` explains why the batch
 size is part of the key).
 """
@@ -95,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("conditions")
     c.add_argument("--classes", help="'all', '0,1,2', '0-29' (default: all, for a class-conditional generator)")
     c.add_argument("--prompts", nargs="+", metavar="PROMPT", help="captions, or @file.txt (one per line)")
-    c.add_argument("--num", type=int, default=4, help="samples per class / prompt (default 4)")
+    c.add_argument("--num", "--n-per-prompt", dest="num", type=int, default=4,
+                   help="samples per class / prompt (default 4)")
+    c.add_argument("--geneval-metadata", metavar="FILE",
+                   help="GenEval prompt file (.jsonl); writes the GenEval folder layout into --out")
     s = p.add_argument_group("sampling")
     s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale s in u + s(c - u)")
     s.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
@@ -115,14 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_geneval_folder(f: Path) -> bool:
+    return f.is_dir() and f.name.isdigit() and (f / "metadata.jsonl").is_file()
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
-    old = [f for f in out.iterdir() if f.name in _OUTPUTS or _PNG.match(f.name)]
+    old = [f for f in out.iterdir() if f.name in _OUTPUTS or _PNG.match(f.name) or _is_geneval_folder(f)]
     if old and not overwrite:
         raise FileExistsError(f"{out} already holds samples ({old[0].name}, ...); pass --overwrite "
                               f"or choose another --out")
     for f in old:  # only our own outputs, so a smaller rerun leaves no stale PNGs behind
-        f.unlink()
+        if f.is_dir():
+            shutil.rmtree(f)
+        else:
+            f.unlink()
 
 
 def write_outputs(out: Path, images: torch.Tensor, rows: int, cols: int, labels, meta: dict,
@@ -155,7 +173,14 @@ def run(args) -> Path:
     sampling = SamplingConfig(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, extra=_extra(args.extra))
 
-    classes = prompts = None
+    classes = prompts = metadatas = None
+    if args.geneval_metadata is not None:
+        from eval.geneval import load_metadata
+
+        if args.classes is not None or args.prompts is not None:
+            raise ValueError("--geneval-metadata takes the prompts from the file: drop --classes/--prompts")
+        metadatas = load_metadata(args.geneval_metadata)
+        prompts = [m["prompt"] for m in metadatas]
     if args.classes is not None:
         classes = parse_classes(args.classes, class_conditioning(pipe.generator))
     if args.prompts is not None:
@@ -195,6 +220,17 @@ def run(args) -> Path:
         "reproducible_with": "same seed, batch_size, device and conditions (see zoo/pipeline.py)",
         "samples": samples,
     }
+    if metadatas is not None:
+        from eval.geneval import write_prompt_folder
+
+        arr = images.numpy()
+        for i, m in enumerate(metadatas):
+            write_prompt_folder(out, i, m, arr[i * args.num:(i + 1) * args.num])
+        meta.update(layout="geneval", geneval_metadata=str(args.geneval_metadata))
+        for s in samples:
+            s["file"] = f"{s['index'] // args.num:05d}/samples/{s['index'] % args.num:05d}.png"
+        (out / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return out
     write_outputs(out, images, conds, args.num, per_classes, meta, args.grid_max_rows)
     return out
 
@@ -212,6 +248,10 @@ def main(argv=None) -> int:
         # Bad input: one clean line, not a traceback.
         print(f"arzoo sample: {e}", file=sys.stderr)
         return 2
+    if args.geneval_metadata is not None:
+        print(f"wrote the GenEval layout to {out} (<idx>/metadata.jsonl, <idx>/samples/<n>.png); "
+              f"score it with `arzoo eval geneval {out}`")
+        return 0
     print(f"wrote {out}/grid.png, samples.npz, samples.json and the PNGs")
     return 0
 

@@ -148,3 +148,27 @@ def test_failing_pair_is_reported_not_fatal(tmp_path, capsys):
     assert "IncompatibleTokens" in rows[0]["error"] and TOK_A in rows[0]["error"]
     assert rows[1]["forward_steps"] == 5
     assert "error:" in capsys.readouterr().out
+
+
+def test_train_step_mode_runs_loss_and_backward(tmp_path, capsys, monkeypatch):
+    """``--train-step`` measures loss + backward in train mode (gradients really flow)."""
+    seen = {}
+    orig = bench._load
+
+    def spy_load(name, pretrained, **kw):
+        model, w = orig(name, pretrained, **kw)
+        if name.startswith("generator/"):
+            seen["model"] = model
+        return model, w
+
+    monkeypatch.setattr(bench, "_load", spy_load)
+    out = tmp_path / "train.json"
+    rc = bench.main(["--train-step", "--pair", "generator/raster-ar-tiny", "tokenizer/vq-tiny",
+                     "--batch", "2", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())[0]
+    assert row["batch"] == 2 and row["seconds_per_step"] > 0 and row["peak_mib"] >= 0
+    model = seen["model"]
+    assert model.training
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert "Training-step benchmark" in capsys.readouterr().out

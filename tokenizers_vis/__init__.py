@@ -9,3 +9,7 @@ import tokenizers_vis.vq  # noqa: F401  registers tokenizer/vq-*
 import tokenizers_vis.msvq  # noqa: F401  registers tokenizer/msvq-*
 import tokenizers_vis.kl  # noqa: F401  registers tokenizer/kl-*
 import tokenizers_vis.binary  # noqa: F401  registers tokenizer/bsq-*, tokenizer/lfq-*
+import tokenizers_vis.uniwetok  # noqa: F401  registers tokenizer/uniwetok-*
+import tokenizers_vis.tokenflow  # noqa: F401  registers tokenizer/tokenflow-*
+import tokenizers_vis.seed  # noqa: F401  registers tokenizer/seed-*
+import tokenizers_vis.slot  # noqa: F401  registers tokenizer/slot-*

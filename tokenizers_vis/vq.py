@@ -38,6 +38,10 @@ class VQTokenizer(Tokenizer):
         codebook_size, codebook_dim: K and the code dimension.
         l2_norm, beta, entropy_weight, entropy_temperature, legacy: see :class:`VectorQuantizer`.
         level_attn: self-attention after every ResBlock of the lowest-resolution level (LlamaGen).
+        decoder_level_attn: the same for the decoder's lowest level; ``None`` follows ``level_attn``
+            (LDM/MAR's KL-16 decoder has none: ``attn_resolutions=()``).
+        ema, kmeans_init, restart_threshold, restart_every: codebook maintenance options of
+            :class:`VectorQuantizer` (off by default).
         mid_attn: the one self-attention of the mid block.
         norm_groups: GroupNorm groups (32 in LlamaGen; fewer for thin models).
         l1_weight: optional L1 term added to the L2 reconstruction loss.
@@ -49,7 +53,9 @@ class VQTokenizer(Tokenizer):
                  codebook_dim: int = 8, l2_norm: bool = True, beta: float = 0.25,
                  entropy_weight: float = 0.0, entropy_temperature: float = 0.01, legacy: bool = False,
                  level_attn: bool = True, mid_attn: bool = True, norm_groups: int = 32,
-                 l1_weight: float = 0.0, codebook_weight: float = 1.0):
+                 l1_weight: float = 0.0, codebook_weight: float = 1.0,
+                 decoder_level_attn: bool | None = None, ema: bool = False, kmeans_init: bool = False,
+                 restart_threshold: float = 0.0, restart_every: int = 100):
         super().__init__()
         ch_mult = [int(m) for m in ch_mult]
         if self.config.get("ch_mult") is not None:
@@ -74,7 +80,8 @@ class VQTokenizer(Tokenizer):
 
         n = len(ch_mult)
         down = ["DownEncoderBlock2D"] * (n - 1) + ["AttnDownEncoderBlock2D" if level_attn else "DownEncoderBlock2D"]
-        up = ["AttnUpDecoderBlock2D" if level_attn else "UpDecoderBlock2D"] + ["UpDecoderBlock2D"] * (n - 1)
+        dec_attn = level_attn if decoder_level_attn is None else decoder_level_attn
+        up = ["AttnUpDecoderBlock2D" if dec_attn else "UpDecoderBlock2D"] + ["UpDecoderBlock2D"] * (n - 1)
         self.encoder = Encoder(in_channels=3, out_channels=z_channels, down_block_types=tuple(down),
                                block_out_channels=tuple(widths), layers_per_block=num_res_blocks,
                                norm_num_groups=norm_groups, act_fn="silu", double_z=False,
@@ -82,7 +89,9 @@ class VQTokenizer(Tokenizer):
         self.quant_conv = nn.Conv2d(z_channels, codebook_dim, 1)
         self.quantizer = VectorQuantizer(codebook_size, codebook_dim, beta=beta, l2_norm=l2_norm,
                                          entropy_weight=entropy_weight,
-                                         entropy_temperature=entropy_temperature, legacy=legacy)
+                                         entropy_temperature=entropy_temperature, legacy=legacy,
+                                         ema=ema, kmeans_init=kmeans_init,
+                                         restart_threshold=restart_threshold, restart_every=restart_every)
         self.post_quant_conv = nn.Conv2d(codebook_dim, z_channels, 1)
         self.decoder = Decoder(in_channels=z_channels, out_channels=3, up_block_types=tuple(up),
                                block_out_channels=tuple(widths), layers_per_block=num_res_blocks,

@@ -6,6 +6,7 @@
 ``arzoo train SCRIPT ...`` tokenizer | extract | generator (train/)
 ``arzoo sample ...``       sampling CLI (sample/)
 ``arzoo bench ...``        sampling benchmark (eval/bench.py)
+``arzoo eval CMD ...``     fid | fid-job | geneval | recon | train-features (eval/cli.py)
 ``arzoo export SRC DST``   copy a checkpoint (``--dtype float16`` for small shipped weights)
 """
 from __future__ import annotations
@@ -95,6 +96,7 @@ PASSTHROUGH = {
     "train": ("train.__main__", "training scripts: tokenizer | extract | generator"),
     "sample": ("sample.cli", "sample images from a tokenizer + generator"),
     "bench": ("eval.bench", "sampling benchmark table"),
+    "eval": ("eval.cli", "evaluation: fid | fid-job | geneval | recon | train-features"),
 }
 
 
