@@ -284,7 +284,7 @@ class NAR(RasterAR):
 TINY = {**RASTER_TINY, "extra_blocks": 1}
 
 
-@register("generator/nar-tiny", paper=PAPER,
+@register("generator/nar-tiny", paper=PAPER, weights={"shapes": "weights/generator-nar-tiny"},
           description="NAR next-neighbor AR, tiny (8x8 Shapes tokens, class + caption prefix)")
 def nar_tiny(**overrides):
     """NAR next-neighbor AR, tiny (8x8 Shapes tokens, class + caption prefix; raster-ar-tiny + 1 block)."""

@@ -646,14 +646,14 @@ _PAPER_MVAR = {"mode": "mvar", "markov_kernel": 7, "markov_scales": 2,
                "train_chunks": [list(range(8)), [8], [9]]}
 
 
-@register("generator/var-tiny", paper=PAPER_VAR,
+@register("generator/var-tiny", paper=PAPER_VAR, weights={"shapes": "weights/generator-var-tiny"},
           description="VAR next-scale prediction, tiny (Shapes msvq-tiny pyramid 1..8, 30 classes)")
 def var_tiny(**overrides):
     """VAR next-scale prediction, tiny (Shapes msvq-tiny pyramid 1..8, 30 classes)."""
     return NextScaleAR(**{**TINY, **overrides})
 
 
-@register("generator/mvar-tiny", paper=PAPER_MVAR,
+@register("generator/mvar-tiny", paper=PAPER_MVAR, weights={"shapes": "weights/generator-mvar-tiny"},
           description="MVAR scale/spatial-Markov next-scale prediction, tiny (3x3 windows on 6x6, 8x8)")
 def mvar_tiny(**overrides):
     """MVAR scale/spatial-Markov next-scale prediction, tiny (3x3 windows on 6x6, 8x8)."""

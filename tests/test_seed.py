@@ -141,6 +141,38 @@ def test_joint_stage_trains_everything_it_can():
         assert grads_of(m, part), part
 
 
+def test_joint_stage_routes_only_semantic_gradients_into_the_qformer():
+    """VQ / recon terms train the codebook side only (they would collapse the Q-Former)."""
+    m = small_seed(stage=0).train()
+    q = m.causal_embeddings(images(4))
+    z_cb, z_sem, _, ql = m._quantize_routed(q, q_grad=True)
+    torch.testing.assert_close(z_cb, z_sem)                       # the same codes either way
+    pred = m.recon_head(m.decode_task(z_cb))
+    (ql["loss"] + (1 - F.cosine_similarity(pred, q.detach(), dim=-1)).mean()).backward(retain_graph=True)
+    assert not grads_of(m, "qformer.") and grads_of(m, "encode_task") and grads_of(m, "quantizer")
+    m.generation_embedding(m.decode_task(z_sem)).sum().backward()
+    assert grads_of(m, "qformer.")
+
+
+def test_distillation_lets_stage1_train_without_captions():
+    m = small_seed(stage=1, distill_weight=1.0).train()
+    recon, losses = m(images(4))
+    assert recon is None and "distill" in losses and "itc" not in losses
+    losses["loss"].backward()
+    assert grads_of(m, "qformer.") and not grads_of(m, "quantizer")
+
+
+def test_generation_target_is_standardised_with_running_statistics():
+    m = small_seed().train()
+    f = m.teacher_features(images(8))
+    t = m.generation_target(f)                    # first batch: its own mean and variance
+    torch.testing.assert_close(t.mean(0), torch.zeros(32), atol=1e-4, rtol=0)
+    assert int(m.gen_count) == 1
+    m.eval()
+    m.generation_target(f)
+    assert int(m.gen_count) == 1                  # eval does not update the statistics
+
+
 def test_paper_config_builds_on_meta_and_refuses_decoding():
     info = zoo.registry.info("tokenizer/seed-blip2")
     assert info["spec"] == "discrete/sequence 32 V=8192"
@@ -200,6 +232,26 @@ def test_diffusion_loss_is_the_epsilon_objective():
     eps = dec.denoise(xt, t, cond)
     torch.testing.assert_close(loss, F.mse_loss(eps, noise))
     torch.testing.assert_close(x0, ((xt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1))
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_diffusion_loss_targets_of_other_parameterisations(prediction):
+    torch.manual_seed(0)
+    dec = DiffusionDecoder(cond_dim=8, image_size=16, channels=[8, 16], attn_heads=2, cond_dropout=0.0,
+                           prediction_type=prediction).train()
+    x, cond = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 2, 8)
+    torch.manual_seed(5)
+    loss, x0 = dec.loss(x, cond)
+    torch.manual_seed(5)
+    noise = torch.randn_like(x)
+    t = torch.randint(0, dec.num_train_timesteps, (2,))
+    ab = dec.train_scheduler.alphas_cumprod[t].view(2, 1, 1, 1)
+    xt = ab.sqrt() * x + (1 - ab).sqrt() * noise
+    out = dec.denoise(xt, t, cond)
+    target = ab.sqrt() * noise - (1 - ab).sqrt() * x if prediction == "v_prediction" else x
+    torch.testing.assert_close(loss, F.mse_loss(out, target))
+    want_x0 = ab.sqrt() * xt - (1 - ab).sqrt() * out if prediction == "v_prediction" else out
+    torch.testing.assert_close(x0, want_x0.clamp(-1, 1))
 
 
 def test_save_load_round_trip(tmp_path):

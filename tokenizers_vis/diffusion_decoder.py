@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SAMPLERS = ("ddim", "ddpm")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
 class DiffusionDecoder(nn.Module):
@@ -49,7 +50,8 @@ class DiffusionDecoder(nn.Module):
         global_cond: also add ``Linear(mean_L c)`` to the timestep embedding (unCLIP style).
         cond_dropout: probability of training on the null condition (for CFG).
         num_train_timesteps, beta_schedule, prediction_type: the diffusers scheduler config
-            (``prediction_type`` "epsilon" or "v_prediction").
+            (``prediction_type``: "epsilon" -- the standard objective --, "v_prediction"
+            (Salimans & Ho 2022) or "sample" (x0)).
         sampler, sample_steps, guidance_scale: defaults of :meth:`sample`.
     """
 
@@ -72,8 +74,8 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"attn_levels must be in [0, {len(channels)}], got {attn_levels}")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
         if sample_steps < 1 or num_train_timesteps < 2:
@@ -152,6 +154,9 @@ class DiffusionDecoder(nn.Module):
     def loss(self, images: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DDPM training loss on ``images`` (B, 3, S, S) given ``cond``; returns ``(loss, x0_hat)``.
 
+        The loss is the MSE between the UNet output and its ``prediction_type`` target (epsilon:
+        the noise, Ho et al. 2020 Eq. 14).
+
         ``x0_hat`` is the one-step estimate of the clean images from the prediction (a
         training-time "reconstruction"; it is poor at high noise levels by construction)."""
         cond = self._check_cond(cond)
@@ -171,9 +176,11 @@ class DiffusionDecoder(nn.Module):
         if self.prediction_type == "epsilon":
             target = noise
             x0 = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-        else:  # v = sqrt(ab) eps - sqrt(1 - ab) x0
+        elif self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1 - ab) x0
             target = ab.sqrt() * noise - (1 - ab).sqrt() * images
             x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * pred
+        else:  # x0 itself
+            target, x0 = images, pred
         return F.mse_loss(pred.float(), target.float()), x0.clamp(-1, 1)
 
     @torch.no_grad()

@@ -32,26 +32,23 @@ The zoo's tiny version keeps every piece but the pretrained parts:
 
 Stages (``stage`` constructor argument; ``forward(images, captions=None) -> (recon, losses)``):
 
-======  ======================================================================  ==============
-stage   trains (everything else gets no gradient)                               ``recon``
-======  ======================================================================  ==============
-1       Q-Former, ITC projections, temperature, text encoder: ITC (needs        ``None``
-        ``captions``)
-2       VQ projections, codebook, recon head, generation head: stage-2 loss     ``None``
-        (Q-Former run without grad, as frozen)
-3       the diffusion decoder: epsilon loss given the (detached) generation      x0 estimate
-        embedding of the image's tokens
-0       all of the above at once (default): each part learns from its own       x0 estimate
-        stage's loss, except that the Q-Former also learns from the
-        generation-embedding MSE (through the straight-through codes; never
-        from the VQ / recon terms, see ``_quantize_routed``) -- so it learns
-        even when the training loop passes no captions (``python -m train
-        tokenizer`` does not)
-======  ======================================================================  ==============
+* **1** (Q-Former): ITC on the last query (when ``captions`` are given) and, at tiny scale,
+  ``distill_weight x`` MSE of the generation head applied to the *continuous* causal
+  embeddings (a from-scratch Q-Former needs a caption-free signal; SEED's starts from BLIP-2);
+  trains the Q-Former, the text tower and the generation head. ``recon`` is ``None``.
+* **2** (codebook): ``5 L_vq + 2 (1 - cos) + 0.5 MSE``; the Q-Former runs without gradient (as
+  frozen); trains the projections, codebook, recon head and generation head. ``recon`` is ``None``.
+* **3** (decoder, tiny scale only): the epsilon loss of the diffusion decoder given the
+  detached generation embedding of the image's tokens; trains only the decoder.
+* **0** (default, joint): all terms at once. Each part learns from its own stage's loss; the
+  Q-Former also gets the generation-embedding gradient through the straight-through codes,
+  but never the VQ / recon gradients (``QFormerTokenizer._quantize_routed``: they collapse it
+  to a constant that they then reconstruct perfectly). This is the mode ``python -m train
+  tokenizer`` can run as it is (it passes no captions and loads no previous stage).
 
-Staged training needs the previous stage's weights (see the report in checkpoints.md);
-``recon`` of stages 0/3 is the decoder's one-step estimate of the clean image (upsampled to
-``image_size``), *not* a reconstruction from the tokens: use ``decode(encode(x))`` for that.
+``recon`` of stages 0/3 is the decoder's one-step estimate of the clean image from a noised
+copy (upsampled to ``image_size``), *not* a reconstruction from the tokens: use
+``decode(encode(x))`` for that.
 
 Tokens: ``discrete/sequence`` of ``num_queries`` ids. The queries are causal, but prefixes are
 not shown to decode meaningfully, so ``ordered=False``. Reconstructions are semantic
@@ -106,14 +103,19 @@ class QFormerTokenizer(Tokenizer):
     def _build_common(self, *, image_size, teacher, context_dim, context_pos, stages, stage,
                       text_dim, text_depth, text_len, itc_dim, label_smoothing,
                       cond_dim, decoder_size, decoder_channels, decoder_layers, decoder_attn_levels,
-                      decoder_heads, decoder_groups, global_cond, cond_dropout, num_train_timesteps, beta_schedule,
-                      sampler, sample_steps, guidance_scale, sample_seed, gen_pool):
+                      decoder_heads, decoder_groups, global_cond, cond_dropout, num_train_timesteps,
+                      beta_schedule, sampler, sample_steps, guidance_scale, sample_seed, gen_pool,
+                      gen_dim=None, prediction_type="epsilon"):
         if int(stage) not in stages:
             raise ValueError(f"{type(self).__name__}: stage must be one of {sorted(stages)}, got {stage!r}")
         self.image_size, self.stage = int(image_size), int(stage)
         self.context_dim, self.context_pos = int(context_dim), bool(context_pos)
         self.gen_pool, self.sample_seed = gen_pool, int(sample_seed)
         pooled_target(torch.zeros(1, 4, 1, 1), gen_pool)  # validates the mode early
+        # running statistics that standardise the generation target (see generation_target)
+        self.register_buffer("gen_mean", torch.zeros(cond_dim if gen_dim is None else gen_dim))
+        self.register_buffer("gen_var", torch.ones(cond_dim if gen_dim is None else gen_dim))
+        self.register_buffer("gen_count", torch.zeros((), dtype=torch.long))
         # Frozen image encoder: outside the state dict, built on first use (tokenizers_vis.teacher).
         self.teacher = TeacherSlot(teacher)
         self.text_len, self.label_smoothing = int(text_len), float(label_smoothing)
@@ -130,9 +132,8 @@ class QFormerTokenizer(Tokenizer):
         if decoder_channels:
             self.decoder = DiffusionDecoder(
                 cond_dim, decoder_size, decoder_channels, decoder_layers, decoder_attn_levels, decoder_heads,
-                decoder_groups,
-                global_cond, cond_dropout, num_train_timesteps, beta_schedule, "epsilon", sampler,
-                sample_steps, guidance_scale)
+                decoder_groups, global_cond, cond_dropout, num_train_timesteps, beta_schedule,
+                prediction_type, sampler, sample_steps, guidance_scale)
 
     # ---- teacher features -----------------------------------------------------------------
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,8 +148,27 @@ class QFormerTokenizer(Tokenizer):
         return feature_map_to_tokens(fmap, self.context_pos)
 
     def generation_target(self, fmap: torch.Tensor) -> torch.Tensor:
-        """The tiny-scale generation-embedding target: pooled teacher features (see module doc)."""
-        return pooled_target(fmap, self.gen_pool)
+        """The tiny-scale generation-embedding target: pooled teacher features (see module doc),
+        standardised per channel with running statistics.
+
+        As SD-unCLIP standardises the CLIP image embeddings it is conditioned on (its
+        ``StableUnCLIPImageNormalizer``, fixed mean/std). Here the statistics are estimated
+        while training (cumulative mean over the first 100 training batches, then an EMA with
+        momentum 0.01) and kept as buffers. Without it the per-channel offsets of the pooled
+        features (mean square ~5x their variance for ``eval/shapes-net``) dominate the MSE, and
+        fitting them first drives the Q-Former to image-independent outputs.
+        """
+        t = pooled_target(fmap, self.gen_pool).float()
+        if t.shape[1] != self.gen_mean.shape[0]:
+            raise ValueError(f"the pooled teacher features ({self.gen_pool}) have {t.shape[1]} channels, "
+                             f"but gen_dim is {self.gen_mean.shape[0]}")
+        if self.training:
+            with torch.no_grad():
+                self.gen_count += 1
+                m = max(1.0 / float(self.gen_count), 0.01)
+                self.gen_mean.lerp_(t.mean(0), m)
+                self.gen_var.lerp_(t.var(0, unbiased=False) if t.shape[0] > 1 else self.gen_var, m)
+        return (t - self.gen_mean) * torch.rsqrt(self.gen_var + 1e-5)
 
     # ---- ITC (stage 1) ----------------------------------------------------------------------
     def caption_ids(self, captions) -> torch.Tensor:
@@ -267,9 +287,14 @@ class SEEDTokenizer(QFormerTokenizer):
             ``itc_dim`` 256 and smoothing 0.1 as SEED).
         vq_weight, recon_weight, gen_weight, itc_weight, diffusion_weight: loss weights
             (SEED stage 2: 5, 2, 0.5).
+        distill_weight: weight of the tiny-scale Q-Former distillation (stages 0 and 1): the
+            generation head applied to the *continuous* causal embeddings, MSE to the generation
+            target (0 in SEED, whose Q-Former comes pretrained from BLIP-2 + ITC). Without it a
+            from-scratch Q-Former gives near-identical outputs for every image, every image gets
+            the same codes, and the straight-through gradient cannot separate them.
         decoder_size, decoder_channels, decoder_layers, decoder_heads, decoder_groups,
-            global_cond, cond_dropout, num_train_timesteps, beta_schedule, sampler,
-            sample_steps, guidance_scale, sample_seed: the diffusion decoder
+            global_cond, cond_dropout, num_train_timesteps, beta_schedule, prediction_type,
+            sampler, sample_steps, guidance_scale, sample_seed: the diffusion decoder
             (:class:`DiffusionDecoder`); ``decoder_channels=[]`` builds none (paper scale).
         stage: 0 (joint), 1, 2 or 3 (module docstring).
     """
@@ -285,11 +310,12 @@ class SEEDTokenizer(QFormerTokenizer):
                  text_dim: int = 0, text_depth: int = 2, text_len: int = 16, itc_dim: int = 256,
                  label_smoothing: float = 0.1,
                  vq_weight: float = 5.0, recon_weight: float = 2.0, gen_weight: float = 0.5,
-                 itc_weight: float = 1.0, diffusion_weight: float = 1.0,
+                 itc_weight: float = 1.0, diffusion_weight: float = 1.0, distill_weight: float = 0.0,
                  decoder_size: int = 32, decoder_channels: list = (), decoder_layers: int = 1,
                  decoder_attn_levels: int = 1, decoder_heads: int = 4, decoder_groups: int = 8, global_cond: bool = True,
                  cond_dropout: float = 0.1, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "squaredcos_cap_v2", sampler: str = "ddim", sample_steps: int = 25,
+                 beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon",
+                 sampler: str = "ddim", sample_steps: int = 25,
                  guidance_scale: float = 1.0, sample_seed: int = 0, stage: int = 0):
         super().__init__()
         self._build_common(
@@ -301,10 +327,11 @@ class SEEDTokenizer(QFormerTokenizer):
             decoder_groups=decoder_groups, global_cond=global_cond, cond_dropout=cond_dropout,
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, sampler=sampler,
             sample_steps=sample_steps, guidance_scale=guidance_scale, sample_seed=sample_seed,
-            gen_pool=gen_pool)
+            gen_pool=gen_pool, gen_dim=gen_dim, prediction_type=prediction_type)
         self.num_queries, self.dim = int(num_queries), int(dim)
         self.weights = {"vq": float(vq_weight), "recon": float(recon_weight), "gen": float(gen_weight),
-                        "itc": float(itc_weight), "diffusion": float(diffusion_weight)}
+                        "itc": float(itc_weight), "diffusion": float(diffusion_weight),
+                        "distill": float(distill_weight)}
         self.qformer = QFormer(num_queries, dim, depth, heads, context_dim, cross_attention_freq,
                                causal=True, ffn_multiple=ffn_multiple, ffn_hidden=ffn_hidden)
         if text_dim:
@@ -366,14 +393,19 @@ class SEEDTokenizer(QFormerTokenizer):
         total = images.new_zeros(())
         with self._grad(s in (0, 1)):
             q = self.causal_embeddings(images, fmap)
-        if s == 1 and captions is None:
+        if s == 1 and captions is None and w["distill"] <= 0:
             raise ValueError("SEED stage 1 (image-text contrastive) needs captions: call "
-                             "forward(images, captions=[...]) (the caption strings or word ids)")
+                             "forward(images, captions=[...]) (the caption strings or word ids), or "
+                             "build the model with distill_weight > 0")
         if s in (0, 1) and captions is not None:
             itc = self.itc_loss(self.contrastive_feature(q), captions)
             total = total + w["itc"] * itc
             losses["itc"] = itc.detach()
             losses["temp"] = self.temp.detach().clone()
+        if s in (0, 1) and w["distill"] > 0:
+            distill = F.mse_loss(self.generation_embedding(q).mean(1).float(), self.generation_target(fmap).float())
+            total = total + w["distill"] * distill
+            losses["distill"] = distill.detach()
         recon = None
         if s in (0, 2, 3):
             with self._grad(s in (0, 2)):
@@ -399,15 +431,17 @@ class SEEDTokenizer(QFormerTokenizer):
 
 # ---- registered configs ------------------------------------------------------------------------
 # Shapes 64x64, teacher eval/shapes-net (8x8x128 patch features): 8 causal queries of width 64,
-# codebook 1024 x 32, generation target = the teacher's 256-d pooled features, and a
-# (32, 64)-channel pixel UNet at 32x32 (upsampled to 64). ~1.7M parameters, ~1.5M of them UNet.
-TINY = dict(image_size=64, teacher="eval/shapes-net:shapes", context_dim=128, context_pos=True,
-            num_queries=8, dim=64, depth=2, heads=4, cross_attention_freq=1, ffn_hidden=None,
-            ffn_multiple=32, codebook_size=1024, codebook_dim=32, recon_depth=1, gen_blocks=1, gen_depth=1,
-            gen_queries=1, gen_dim=256, text_dim=64, text_depth=1, itc_dim=64,
-            decoder_size=32, decoder_channels=[16, 32, 64], decoder_layers=1, decoder_attn_levels=1, decoder_heads=4,
-            decoder_groups=8,
-            sample_steps=25)
+# codebook 1024 x 32 (k-means init + dead-code restart: without them one code took every query
+# within 20 steps), generation target = the teacher's 256-d pooled features, and a
+# (16, 32, 64)-channel pixel UNet at 32x32 with attention only at 8x8 (3x cheaper per step than
+# attention at 16x16 too), upsampled to 64. ~1.56M parameters, ~1.1M of them UNet.
+TINY = {"image_size": 64, "teacher": "eval/shapes-net:shapes", "context_dim": 128, "context_pos": True,
+        "num_queries": 8, "dim": 64, "depth": 2, "heads": 4, "cross_attention_freq": 1, "ffn_hidden": None,
+        "ffn_multiple": 32, "codebook_size": 1024, "codebook_dim": 32, "kmeans_init": True,
+        "restart_threshold": 0.03, "restart_every": 50, "recon_depth": 1, "gen_blocks": 1, "gen_depth": 1,
+        "gen_queries": 1, "gen_dim": 256, "text_dim": 64, "text_depth": 1, "itc_dim": 64, "distill_weight": 1.0,
+        "decoder_size": 32, "decoder_channels": [16, 32, 64], "decoder_layers": 1, "decoder_attn_levels": 1,
+        "decoder_heads": 4, "decoder_groups": 8, "sample_steps": 25}
 
 
 @register("tokenizer/seed-tiny", paper=SEED_PAPER)

@@ -33,11 +33,18 @@ paper's two stages with the loss terms that do not need pretrained LLM/CLIP part
 * **0** (default, joint): stage 2's terms, with the diffusion and generation losses (and ITC
   when captions are given) also reaching the Q-Former through the straight-through RVQ; the
   RVQ and slot-reconstruction losses never do (``QFormerTokenizer._quantize_routed``: they
-  would collapse the slots).
+  would collapse the slots); plus stage 1's generation MSE of the *continuous* slots with
+  ``distill_weight``. The mode ``python -m train tokenizer`` can run as it is.
 
 The weights are the constructor's ``*_weight`` arguments (Slot-MLLM stage 1: diffusion 1,
 MSE 0.5, ITC 0.5; stage 2: codebook 1, recon 1, generation 0.5, diffusion 0.1). ``recon`` is the
-decoder's one-step clean-image estimate (stages use the diffusion loss in all three).
+decoder's one-step clean-image estimate from a noised copy (every stage has the diffusion
+loss), not a reconstruction from the tokens.
+
+At tiny scale, as for SEED: the generation target is the teacher's pooled patch features
+(standardised, ``generation_target``), the decoder is a small pixel diffusion model at
+``decoder_size`` trained here, and the ITC text tower is a small word encoder. Slot-MLLM's
+captioning loss (needs the LLM) and DINOv2 slot-alignment term are not reproduced.
 """
 from __future__ import annotations
 
@@ -67,11 +74,14 @@ class SlotTokenizer(QFormerTokenizer):
         num_levels, codebook_size, codebook_dim, beta: residual VQ (4 x one shared 8192 x 32).
         kmeans_init, restart_threshold, restart_every: optional codebook maintenance.
         recon_depth: transformer blocks that rebuild continuous slots from quantised ones.
-        gen_down, gen_dim, gen_pool: generation head ``Linear(dim, gen_down)`` per slot, flattened,
-            ``Linear(N * gen_down, gen_dim)`` (the reference's ``image_down`` +
+        gen_down, gen_dim, gen_pool: generation head ``Linear-GELU-Linear(dim -> gen_down)`` per
+            slot, flattened, ``Linear(N * gen_down, gen_dim)`` (the reference's ``image_down`` +
             ``distill_image_proj``), regressed on the pooled teacher features.
         text_dim, text_depth, text_len, itc_dim, label_smoothing: ITC on the mean slot (0: none).
         vq_weight, recon_weight, gen_weight, itc_weight, diffusion_weight: loss weights.
+        distill_weight: in the joint stage 0, the generation MSE of the *continuous* slots (stage
+            1's term) with this weight -- it gives a from-scratch Q-Former image-dependent slots
+            before the codes separate images (see ``SEEDTokenizer``'s ``distill_weight``).
         decoder_*: the diffusion decoder (cross-attends to the ``dim``-wide slots); ``[]``: none.
         stage: 0 (joint), 1 (continuous) or 2 (quantised).
     """
@@ -87,11 +97,12 @@ class SlotTokenizer(QFormerTokenizer):
                  text_dim: int = 0, text_depth: int = 2, text_len: int = 16, itc_dim: int = 256,
                  label_smoothing: float = 0.1,
                  vq_weight: float = 1.0, recon_weight: float = 1.0, gen_weight: float = 0.5,
-                 itc_weight: float = 0.5, diffusion_weight: float = 1.0,
+                 itc_weight: float = 0.5, diffusion_weight: float = 1.0, distill_weight: float = 0.0,
                  decoder_size: int = 32, decoder_channels: list = (), decoder_layers: int = 1,
                  decoder_attn_levels: int = 1, decoder_heads: int = 4, decoder_groups: int = 8, global_cond: bool = True,
                  cond_dropout: float = 0.1, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "squaredcos_cap_v2", sampler: str = "ddim", sample_steps: int = 25,
+                 beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon",
+                 sampler: str = "ddim", sample_steps: int = 25,
                  guidance_scale: float = 1.0, sample_seed: int = 0, stage: int = 0):
         super().__init__()
         self._build_common(
@@ -103,10 +114,11 @@ class SlotTokenizer(QFormerTokenizer):
             decoder_groups=decoder_groups, global_cond=global_cond, cond_dropout=cond_dropout,
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, sampler=sampler,
             sample_steps=sample_steps, guidance_scale=guidance_scale, sample_seed=sample_seed,
-            gen_pool=gen_pool)
+            gen_pool=gen_pool, gen_dim=gen_dim, prediction_type=prediction_type)
         self.num_slots, self.dim, self.num_levels = int(num_slots), int(dim), int(num_levels)
         self.weights = {"vq": float(vq_weight), "recon": float(recon_weight), "gen": float(gen_weight),
-                        "itc": float(itc_weight), "diffusion": float(diffusion_weight)}
+                        "itc": float(itc_weight), "diffusion": float(diffusion_weight),
+                        "distill": float(distill_weight)}
         self.qformer = QFormer(num_slots, dim, depth, heads, context_dim, cross_attention_freq, causal=causal,
                                slot=True, assign_eps=assign_eps, ffn_multiple=ffn_multiple, ffn_hidden=ffn_hidden)
         if text_dim:
@@ -118,7 +130,9 @@ class SlotTokenizer(QFormerTokenizer):
         self.decode_task = mlp_tanh(codebook_dim, codebook_dim, dim)
         self.recon_head = Transformer(dim, recon_depth, heads, ffn_multiple, rope="1d",
                                       ffn_hidden=ffn_hidden if ffn_hidden else None)
-        self.gen_down = nn.Sequential(nn.Linear(dim, gen_down), nn.ReLU())
+        # the reference's image_down is Linear-ReLU-Linear-ReLU-Linear (768 -> 256 -> 128 -> 32); one
+        # GELU hidden layer here (a ReLU before an 8-wide bottleneck died within 100 steps)
+        self.gen_down = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, gen_down))
         self.gen_proj = nn.Linear(num_slots * gen_down, gen_dim)
         self.spec = TokenSpec(kind="discrete", layout="sequence", shape=(num_slots * num_levels,),
                               vocab_size=codebook_size, ordered=False)
@@ -201,6 +215,10 @@ class SlotTokenizer(QFormerTokenizer):
         gen_mse = F.mse_loss(self.generation_embedding(cond).float(), target.float())
         total = total + w["gen"] * gen_mse
         losses["gen_mse"] = gen_mse.detach()
+        if s == 0 and w["distill"] > 0:  # stage 1's continuous-slot term, kept in the joint mode
+            distill = F.mse_loss(self.generation_embedding(q).float(), target.float())
+            total = total + w["distill"] * distill
+            losses["distill"] = distill.detach()
         recon = None
         if self.decoder is not None:
             diff, recon = self.diffusion_loss(images, cond)
@@ -212,15 +230,16 @@ class SlotTokenizer(QFormerTokenizer):
 
 # ---- registered configs ------------------------------------------------------------------------
 # Shapes 64x64, teacher eval/shapes-net (8x8x128): 8 slots of width 64 x 4 RVQ levels over one
-# shared 1024 x 32 codebook (32 ids per image), (32, 64)-channel UNet at 32x32 cross-attending
-# to the 8 reconstructed slots.
-TINY = dict(image_size=64, teacher="eval/shapes-net:shapes", context_dim=128, context_pos=True,
-            num_slots=8, dim=64, depth=2, heads=4, cross_attention_freq=1, ffn_hidden=None, ffn_multiple=32,
-            num_levels=4, codebook_size=1024, codebook_dim=32, recon_depth=1, gen_down=8, gen_dim=256,
-            text_dim=64, text_depth=1, itc_dim=64,
-            decoder_size=32, decoder_channels=[16, 32, 64], decoder_layers=1, decoder_attn_levels=1, decoder_heads=4,
-            decoder_groups=8,
-            sample_steps=25)
+# shared 1024 x 32 codebook (32 ids per image; k-means init + dead-code restart, checked every 25
+# quantiser calls so the check visits every level), (16, 32, 64)-channel UNet at 32x32
+# cross-attending to the 8 reconstructed slots at 8x8.
+TINY = {"image_size": 64, "teacher": "eval/shapes-net:shapes", "context_dim": 128, "context_pos": True,
+        "num_slots": 8, "dim": 64, "depth": 2, "heads": 4, "cross_attention_freq": 1, "ffn_hidden": None,
+        "ffn_multiple": 32, "num_levels": 4, "codebook_size": 1024, "codebook_dim": 32, "kmeans_init": True,
+        "restart_threshold": 0.03, "restart_every": 25, "recon_depth": 1, "gen_down": 8, "gen_dim": 256,
+        "text_dim": 64, "text_depth": 1, "itc_dim": 64, "distill_weight": 0.5,
+        "decoder_size": 32, "decoder_channels": [16, 32, 64], "decoder_layers": 1, "decoder_attn_levels": 1,
+        "decoder_heads": 4, "decoder_groups": 8, "sample_steps": 25}
 
 
 @register("tokenizer/slot-tiny", paper=SLOT_PAPER)

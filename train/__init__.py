@@ -12,6 +12,6 @@ flags and data live in :mod:`train.common`, the training loop (exact resume, EMA
 rotation, JSONL log) in :mod:`train.loop`, and the token-shard format in :mod:`train.extract`.
 """
 
-SCRIPTS = ("tokenizer", "extract", "generator")
+SCRIPTS = ("tokenizer", "extract", "generator", "features")
 
 __all__ = ["SCRIPTS"]
