@@ -9,9 +9,13 @@ sequence ``(B, L, cond_dim)`` enters through cross-attention in the lower-resolu
 -- its mean is also projected into the timestep embedding, which is how unCLIP feeds its image
 embedding (diffusers ``class_embed_type="projection"``).
 
-Training is the DDPM epsilon objective (Ho et al. 2020, Eq. 14): ``x_t = sqrt(a_t) x_0 +
+Training is the DDPM objective (Ho et al. 2020, Eq. 14): ``x_t = sqrt(a_t) x_0 +
 sqrt(1 - a_t) eps`` with a diffusers ``DDPMScheduler`` (cosine ``squaredcos_cap_v2`` betas,
-Nichol & Dhariwal 2021, by default) and ``|| eps - eps_theta(x_t, t, c) ||^2``. The condition
+Nichol & Dhariwal 2021, by default) and ``|| eps - eps_theta(x_t, t, c) ||^2`` -- or, with
+``prediction_type``, the MSE on ``v`` (Salimans & Ho 2022) or on ``x_0`` itself. (At CPU-sized
+budgets the epsilon model left global colour casts and grain after ~1,700 steps on Shapes,
+where the x_0 model of the same size got every colour right after 600; see checkpoints.md.)
+The condition
 is replaced by a learned null sequence with probability ``cond_dropout`` so sampling can use
 classifier-free guidance (Ho & Salimans 2022); the conditional and unconditional branches are
 one batched UNet call per step. Sampling uses ``DDIMScheduler`` (Song et al. 2021; eta 0,
