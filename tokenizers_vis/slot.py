@@ -232,14 +232,14 @@ class SlotTokenizer(QFormerTokenizer):
 # Shapes 64x64, teacher eval/shapes-net (8x8x128): 8 slots of width 64 x 4 RVQ levels over one
 # shared 1024 x 32 codebook (32 ids per image; k-means init + dead-code restart, checked every 25
 # quantiser calls so the check visits every level), (16, 32, 64)-channel UNet at 32x32
-# cross-attending to the 8 reconstructed slots at 8x8.
+# cross-attending to the 8 reconstructed slots at 8x8, predicting x0 (as seed-tiny, see there).
 TINY = {"image_size": 64, "teacher": "eval/shapes-net:shapes", "context_dim": 128, "context_pos": True,
         "num_slots": 8, "dim": 64, "depth": 2, "heads": 4, "cross_attention_freq": 1, "ffn_hidden": None,
         "ffn_multiple": 32, "num_levels": 4, "codebook_size": 1024, "codebook_dim": 32, "kmeans_init": True,
         "restart_threshold": 0.03, "restart_every": 25, "recon_depth": 1, "gen_down": 8, "gen_dim": 256,
         "text_dim": 64, "text_depth": 1, "itc_dim": 64, "distill_weight": 0.5,
         "decoder_size": 32, "decoder_channels": [16, 32, 64], "decoder_layers": 1, "decoder_attn_levels": 1,
-        "decoder_heads": 4, "decoder_groups": 8, "sample_steps": 25}
+        "decoder_heads": 4, "decoder_groups": 8, "prediction_type": "sample", "sample_steps": 25}
 
 
 @register("tokenizer/slot-tiny", paper=SLOT_PAPER)
