@@ -594,12 +594,17 @@ def main(argv=None) -> int:
         print(f"arzoo eval fid: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    emit_json(report, args.json)
     return 0
+
+
+def emit_json(report: dict, path=None) -> None:
+    """Print a report as JSON and, when ``path`` is given, also write it there."""
+    text = json.dumps(report, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,9 @@ timing
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -266,12 +264,10 @@ def main(argv=None) -> int:
     from eval.fid_job import weights_info
 
     report["tokenizer_weights"] = weights_info(args.tokenizer, tok)
+    from eval.fid import emit_json
+
     print(format_report(report))
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    emit_json(report, args.json)
     return 0
 
 
