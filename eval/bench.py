@@ -298,8 +298,12 @@ def _sync(device):
 
 @torch.no_grad()
 def bench_pair(generator: str, tokenizer: str, *, batch: int = 16, grid=None, pretrained: bool = False,
-               device="cpu", repeats: int = 3, sampling=None, seed: int = 0) -> dict:
-    """One benchmark row (a dict) for a registered generator / tokenizer pair."""
+               device="cpu", repeats: int = 3, sampling=None, seed: int = 0, overrides: dict | None = None) -> dict:
+    """One benchmark row (a dict) for a registered generator / tokenizer pair.
+
+    ``overrides``: generator constructor arguments (e.g. ``{"entity": "token"}`` for xAR); a
+    generator built with them is random-init even with ``pretrained`` (its weights would not fit).
+    """
     from generators.base import SamplingConfig
     from zoo.tokens import IncompatibleTokens
 
@@ -307,7 +311,8 @@ def bench_pair(generator: str, tokenizer: str, *, batch: int = 16, grid=None, pr
     tok, tok_w = _load(tokenizer, pretrained)
     spec = tok.spec if grid is None else _with_grid(tok.spec, grid)
     try:
-        gen, gen_w = _load(generator, pretrained and grid is None, spec=spec)
+        gen, gen_w = _load(generator, pretrained and grid is None and not overrides, spec=spec,
+                           **(overrides or {}))
     except IncompatibleTokens as e:
         raise IncompatibleTokens(f"{generator} cannot take the tokens of {tokenizer}: {e}") from e
     if gen.spec != spec:
@@ -334,7 +339,8 @@ def bench_pair(generator: str, tokenizer: str, *, batch: int = 16, grid=None, pr
         _sync(device)
         dt = (time.perf_counter() - t0) / repeats
     return {
-        "generator": generator, "tokenizer": tokenizer, "tokens": gen.spec.describe(),
+        "generator": generator + _variant_label(overrides), "tokenizer": tokenizer,
+        "tokens": gen.spec.describe(), "overrides": dict(overrides or {}),
         "generator_params": gen.num_params(), "tokenizer_params": tok.num_params(),
         "weights": gen_w if gen_w == tok_w else f"{gen_w}/{tok_w}",
         "device": str(device), "threads": torch.get_num_threads(), "batch": batch, "cfg": sampling.cfg,
@@ -434,6 +440,27 @@ def _header(rows, args) -> str:
             f"fwd steps = network forward calls per batch (shared by its images); peak memory: {mem}.")
 
 
+def _variant_label(overrides: dict | None) -> str:
+    return "[" + ",".join(f"{k}={v}" for k, v in overrides.items()) + "]" if overrides else ""
+
+
+def parse_vary(items) -> list[dict]:
+    """``["entity=token,cell", "entity_size=2"]`` -> the cartesian product of the values as
+    override dicts (``[{}]`` when there is nothing to vary). Values are parsed as YAML."""
+    import itertools
+
+    import yaml
+
+    keys, values = [], []
+    for item in items or ():
+        key, sep, vals = item.partition("=")
+        if not sep or not key or not vals:
+            raise ValueError(f"--vary takes KEY=V1[,V2...], got {item!r}")
+        keys.append(key.strip())
+        values.append([yaml.safe_load(v) for v in vals.split(",")])
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
 def _parse_grid(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -459,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1[,V2...]",
+                   help="generator constructor argument to sweep, one row per value (repeatable: the "
+                        "cartesian product), e.g. --vary entity=token,cell,subsample,scale,image for xAR; "
+                        "varied generators are random-init")
     p.add_argument("--train-step", action="store_true",
                    help="measure one training step (loss + backward, train mode) instead of sampling")
     return p
@@ -506,15 +537,22 @@ def main(argv=None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return 1 if any("error" in r for r in rows) else 0
+    try:
+        variants = parse_vary(args.vary)
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     sampling = SamplingConfig(cfg=args.cfg)
     rows = []
     for g, t in pairs:
-        try:
-            rows.append(bench_pair(g, t, batch=args.batch, grid=args.grid, pretrained=args.pretrained,
-                                   device=device, repeats=args.repeats, sampling=sampling))
-        except Exception as e:  # noqa: BLE001  (one broken pair must not hide the others)
-            print(f"bench: {g} + {t} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append({"generator": g, "tokenizer": t, "error": f"{type(e).__name__}: {e}"})
+        for ov in variants:
+            try:
+                rows.append(bench_pair(g, t, batch=args.batch, grid=args.grid, pretrained=args.pretrained,
+                                       device=device, repeats=args.repeats, sampling=sampling, overrides=ov))
+            except Exception as e:  # noqa: BLE001  (one broken pair must not hide the others)
+                print(f"bench: {g}{_variant_label(ov)} + {t} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"generator": g + _variant_label(ov), "tokenizer": t,
+                             "error": f"{type(e).__name__}: {e}"})
     print(_header(rows, args))
     print()
     print(format_table(rows))

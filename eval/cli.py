@@ -3,7 +3,10 @@
 ``arzoo eval fid INPUT --ref REF``     FID / IS / KID / precision-recall (eval/fid.py)
 ``arzoo eval fid-job ...``             sample N images in resumable shards, then measure (eval/fid_job.py)
 ``arzoo eval geneval ...``             GenEval protocol and Shapes-GenEval (eval/geneval.py)
-``arzoo eval recon --tokenizer T``     PSNR, SSIM, rFID, codebook usage, timing (eval/recon.py)
+``arzoo eval recon --tokenizer T``     PSNR, SSIM, rFID, codebook usage, timing, Shapes attribute
+                                       agreement (eval/recon.py)
+``arzoo eval semantic --tokenizer T``  linear-probe / 1-NN accuracy of token features on Shapes
+                                       attributes (eval/semantic.py)
 ``arzoo eval train-features ...``      train the Shapes feature network (train/features.py)
 
 With the default ``--features shapes-net`` the numbers are **Shapes-FID**: computed on the
@@ -19,7 +22,9 @@ COMMANDS = {
     "fid": ("eval.fid", "FID / IS / KID / precision-recall of images against a reference"),
     "fid-job": ("eval.fid_job", "resumable sampling job (class-balanced, sharded) + metrics report"),
     "geneval": ("eval.geneval", "GenEval protocol: score a sample folder, Shapes-GenEval prompts"),
-    "recon": ("eval.recon", "tokenizer reconstruction: PSNR, SSIM, rFID, codebook usage, timing"),
+    "recon": ("eval.recon", ("tokenizer reconstruction: PSNR, SSIM, rFID, codebook usage, timing, "
+                             "Shapes attribute agreement")),
+    "semantic": ("eval.semantic", "semantic score: linear probe and 1-NN on token features (Shapes)"),
     "train-features": ("train.features", "train the Shapes feature network (eval/shapes-net)"),
 }
 

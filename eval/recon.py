@@ -28,6 +28,16 @@ token statistics
     continuous: none.
 timing
     encode and decode milliseconds per image (after one warm-up batch; CUDA synchronised).
+``attribute_agreement`` (Shapes data; ``--no-attributes`` turns it off)
+    the Shapes detector (``zoo.data.shapes.detect``) run on each original and on its
+    reconstruction; the share of images where (a) the object count, (b) the multiset of
+    colours, (c) the multiset of shapes and (d) the multiset of (shape, colour) objects agree,
+    and, over the originals with exactly one object of a known shape, the share whose
+    reconstruction has the same class (``zoo.data.shapes.classify``). This is the metric issue
+    10 asks for SEED / slot tokenizers, whose reconstructions are semantic re-generations (a
+    diffusion decoder samples an image with the same content, not the same pixels): PSNR and
+    SSIM say little there. :func:`attribute_agreement` is also what ``train/tokenizer.py``
+    reports for them.
 """
 from __future__ import annotations
 
@@ -77,6 +87,40 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, size: int = 
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     smap = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return smap.flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------- attribute agreement
+def attribute_agreement(originals, recons) -> dict:
+    """Agreement of the Shapes detector on originals and reconstructions (module docstring).
+
+    ``originals``, ``recons``: sequences (or ``(N, H, W, 3)`` arrays) of uint8 ``(H, W, 3)``
+    images, paired by index. Returns shares in [0, 1] over the ``images`` pairs:
+    ``count``, ``colors``, ``shapes``, ``objects`` (multisets of (shape, colour)), and
+    ``single_object_class`` over the ``single_object_images`` originals that ``classify``
+    reads as one object of a known shape (``None`` when there are none).
+    """
+    from zoo.data.shapes import classify, detect, match_objects
+
+    if len(originals) != len(recons):
+        raise ValueError(f"attribute_agreement: {len(originals)} originals but {len(recons)} reconstructions")
+    if len(originals) == 0:
+        raise ValueError("attribute_agreement: no images")
+    n = len(originals)
+    count = colors = shapes = objects = single = single_ok = 0
+    for a, b in zip(originals, recons):
+        da, db = detect(a), detect(b)
+        count += len(da) == len(db)
+        colors += sorted(o["color"] for o in da) == sorted(o["color"] for o in db)
+        shapes += sorted(o["shape"] for o in da) == sorted(o["shape"] for o in db)
+        objects += match_objects(da, db)
+        if len(da) == 1:  # only then can classify(a) be a class; it re-detects, for its exact rule
+            ca = classify(a)
+            if ca >= 0:
+                single += 1
+                single_ok += classify(b) == ca
+    return {"images": n, "count": count / n, "colors": colors / n, "shapes": shapes / n, "objects": objects / n,
+            "single_object_images": single, "single_object_class": single_ok / single if single else None,
+            "detector": "zoo.data.shapes.detect on original and reconstruction"}
 
 
 # ---------------------------------------------------------------------------- token usage
@@ -134,13 +178,14 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(tokenizer, data, *, batch_size: int = 32, device=None, features: str | None = "shapes-net",
-             inception_weights=None, progress: bool = False) -> dict:
+             inception_weights=None, progress: bool = False, attributes: bool | None = None) -> dict:
     """Reconstruction report of ``tokenizer`` on ``data`` (see the module docstring).
 
     ``data``: anything :func:`eval.fid.open_images` takes (``shapes:test:N`` renders at the
-    tokenizer's resolution). ``features=None`` skips rFID.
+    tokenizer's resolution). ``features=None`` skips rFID. ``attributes``: add
+    :func:`attribute_agreement` (``None``: when ``data`` are Shapes images).
     """
-    from eval.fid import ArrayImages, compute_metrics, open_images
+    from eval.fid import ArrayImages, ShapesImages, compute_metrics, open_images
     from zoo.pipeline import model_name
 
     tokenizer = tokenizer.eval()
@@ -152,6 +197,8 @@ def evaluate(tokenizer, data, *, batch_size: int = 32, device=None, features: st
         raise ValueError(f"{desc['source']}: images are {desc['image_size'][0]}x{desc['image_size'][1]} but "
                          f"{model_name(tokenizer)} takes {size}x{size} (resize or center-crop them first)")
     n = len(ds)
+    if attributes is None:
+        attributes = isinstance(ds, ShapesImages) or str(desc["source"]).startswith("shapes:")
     usage = TokenUsage(tokenizer.spec)
     psnr_all, ssim_all, originals, recons = [], [], [], []
     t_enc = t_dec = 0.0
@@ -195,6 +242,8 @@ def evaluate(tokenizer, data, *, batch_size: int = 32, device=None, features: st
         "conventions": "PSNR/SSIM on uint8-quantised reconstructions scaled to [0, 1]; SSIM: Gaussian 11x11, "
                        "sigma 1.5, K1 0.01, K2 0.03, valid windows, mean over RGB channels",
     }
+    if attributes:
+        report["attribute_agreement"] = attribute_agreement(np.concatenate(originals), np.concatenate(recons))
     if features:
         fid = compute_metrics(ArrayImages(np.concatenate(recons)), ArrayImages(np.concatenate(originals)),
                               features=features, inception_weights=inception_weights, device=device, kid=False,
@@ -224,9 +273,20 @@ def format_report(r: dict) -> str:
                      f"perplexity {r['codebook_perplexity']:.1f}")
     if "bit_usage" in r:
         lines.append(f"  bit usage {100 * r['bit_usage']:.1f}%, bit entropy {r['bit_entropy']:.3f}")
+    if "attribute_agreement" in r:
+        lines.append(format_attributes(r["attribute_agreement"]))
     lines.append(f"  tokens/image {r['tokens_per_image']}  encode {r['encode_ms_per_image']:.2f} ms/img  "
                  f"decode {r['decode_ms_per_image']:.2f} ms/img ({r['device']})")
     return "\n".join(lines)
+
+
+def format_attributes(a: dict) -> str:
+    """One report line of :func:`attribute_agreement`'s result."""
+    line = (f"  attribute agreement ({a['images']} images): count {a['count']:.3f}  colours {a['colors']:.3f}  "
+            f"shapes {a['shapes']:.3f}  objects {a['objects']:.3f}")
+    if a.get("single_object_class") is not None:
+        line += f"  class {a['single_object_class']:.3f} ({a['single_object_images']} single-object)"
+    return line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     add_feature_args(p)
     p.add_argument("--no-rfid", action="store_true")
+    p.add_argument("--no-attributes", action="store_true",
+                   help="skip the Shapes attribute agreement (on by default for shapes:... data)")
     p.add_argument("--json", metavar="PATH", help="write the report here (it is always printed)")
     p.add_argument("--progress", action="store_true")
     return p
@@ -257,7 +319,7 @@ def main(argv=None) -> int:
         tok = load_model(args.tokenizer, "tokenizer")
         report = evaluate(tok, args.data, batch_size=args.batch_size, device=device,
                           features=None if args.no_rfid else args.features, inception_weights=args.inception_weights,
-                          progress=args.progress)
+                          progress=args.progress, attributes=False if args.no_attributes else None)
     except (ValueError, FileNotFoundError, UnknownModel, CheckpointError) as e:
         print(f"arzoo eval recon: {e}", file=sys.stderr)
         return 2

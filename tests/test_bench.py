@@ -172,3 +172,23 @@ def test_train_step_mode_runs_loss_and_backward(tmp_path, capsys, monkeypatch):
     assert model.training
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert "Training-step benchmark" in capsys.readouterr().out
+
+
+def test_parse_vary_is_a_cartesian_product_of_yaml_values():
+    assert bench.parse_vary([]) == [{}]
+    assert bench.parse_vary(["a=1,x", "b=true"]) == [{"a": 1, "b": True}, {"a": "x", "b": True}]
+    with pytest.raises(ValueError, match="KEY=V1"):
+        bench.parse_vary(["novalue"])
+
+
+@pytest.mark.slow
+def test_vary_sweeps_xar_entity_types(tmp_path):
+    """One row per xAR entity type on kl-tiny's 8x8 grid: NFE = entities x flow steps (20)."""
+    out = tmp_path / "rows.json"
+    assert bench.main(["--pair", "generator/xar-tiny", "tokenizer/kl-tiny", "--vary", "entity=token,cell,image",
+                       "--vary", "num_steps=2", "--batch", "1", "--repeats", "1", "--device", "cpu",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["overrides"]["entity"] for r in rows] == ["token", "cell", "image"]
+    assert [r["forward_steps"] for r in rows] == [64 * 2, 16 * 2, 1 * 2]  # 1x1, 2x2 cells, whole image
+    assert rows[0]["generator"] == "generator/xar-tiny[entity=token,num_steps=2]"

@@ -43,8 +43,10 @@ Stages (``stage`` constructor argument; ``forward(images, captions=None) -> (rec
 * **0** (default, joint): all terms at once. Each part learns from its own stage's loss; the
   Q-Former also gets the generation-embedding gradient through the straight-through codes,
   but never the VQ / recon gradients (``QFormerTokenizer._quantize_routed``: they collapse it
-  to a constant that they then reconstruct perfectly). This is the mode ``python -m train
-  tokenizer`` can run as it is (it passes no captions and loads no previous stage).
+  to a constant that they then reconstruct perfectly).
+
+``python -m train tokenizer`` runs any stage: it passes the Shapes captions (for ITC) and chains
+stages with ``--init PREVIOUS/final --set stage=N``.
 
 ``recon`` of stages 0/3 is the decoder's one-step estimate of the clean image from a noised
 copy (upsampled to ``image_size``), *not* a reconstruction from the tokens: use

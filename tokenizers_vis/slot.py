@@ -34,7 +34,8 @@ paper's two stages with the loss terms that do not need pretrained LLM/CLIP part
   when captions are given) also reaching the Q-Former through the straight-through RVQ; the
   RVQ and slot-reconstruction losses never do (``QFormerTokenizer._quantize_routed``: they
   would collapse the slots); plus stage 1's generation MSE of the *continuous* slots with
-  ``distill_weight``. The mode ``python -m train tokenizer`` can run as it is.
+  ``distill_weight``. ``python -m train tokenizer`` runs any stage (captions passed; stages
+  chained with ``--init PREVIOUS/final --set stage=N``).
 
 The weights are the constructor's ``*_weight`` arguments (Slot-MLLM stage 1: diffusion 1,
 MSE 0.5, ITC 0.5; stage 2: codebook 1, recon 1, generation 0.5, diffusion 0.1). ``recon`` is the

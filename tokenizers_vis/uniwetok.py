@@ -285,6 +285,17 @@ class UniWeTokTokenizer(BinaryTokenizer):
             out["distill_post"] = cosine_distill_loss(self.post_head(z_q), target)
         return out
 
+    def semantic_features(self, tokens) -> torch.Tensor:
+        """Understanding side: the PPD **post**-quantisation head on the tokens' ±1 codes,
+        (B, teacher_dim, h, w) -- the tokens' prediction of the teacher's patch features (the map
+        ``distill_post`` trains; the pre head needs the continuous latent, which tokens lack).
+        Counterpart of ``TokenFlowTokenizer.semantic_features``; used by ``eval/semantic.py``."""
+        if self.post_head is None:
+            raise ValueError(f"{self.registry_name or type(self).__name__} was built with teacher='none': "
+                             f"no post-distillation head, so no semantic features")
+        self.check_tokens(tokens)
+        return self.post_head(self.quantizer.bits_to_codes(tokens.data.to(self.last_layer.device)))
+
     def gap_loss(self, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GAP: per-bit BCE of the causal prior on the raster sequence of codes ``z_q`` (B, bits, h, w)."""
         if self.prior is None:

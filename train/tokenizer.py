@@ -4,9 +4,23 @@
 
     python -m train.tokenizer --model tokenizer/vq-tiny --out runs/vq --steps 20000
     accelerate launch -m train.tokenizer --model tokenizer/vq-tiny --data folder:/data/train --out runs/vq
+    # staged tokenizers (SEED, slot): one run per stage, each initialised from the last
+    python -m train.tokenizer --model tokenizer/seed-tiny --set stage=1 --out runs/seed-s1
+    python -m train.tokenizer --model tokenizer/seed-tiny --set stage=2 --init runs/seed-s1/final --out runs/seed-s2
 
 The objective is the tokenizer's own ``forward(images) -> (recon, losses)`` (``losses["loss"]``:
-reconstruction + quantizer terms, as its paper defines them). ``--disc-weight > 0`` adds the
+reconstruction + quantizer terms, as its paper defines them). A model whose ``forward`` takes
+``captions`` (SEED / slot: image-text contrastive terms) gets the batch's Shapes captions (``None``
+when the data have none, e.g. a folder). ``recon`` may be ``None`` (SEED / slot stages that train
+no pixel decoder); then the perceptual and GAN terms are skipped, with a note.
+
+``--init DIR`` starts from the weights of an arzoo checkpoint folder (a previous run's ``final/``
+or an exported ``config.json`` + ``model.safetensors``; a bare ``.safetensors`` file also does, a
+pickle never), loaded strictly by tensor name and shape into the model built from ``--model`` and
+``--set`` (so the constructor arguments, e.g. ``stage``, may differ; differences are printed).
+A resumable state in ``--out`` takes precedence: resuming ignores ``--init``.
+
+``--disc-weight > 0`` adds the
 PatchGAN adversarial term of VQGAN (Esser et al. 2021, §3.2; hinge form as in LlamaGen,
 Sun et al. 2024, §2.1) from ``tokenizers_vis.losses`` after ``--disc-start`` steps, with a
 fixed weight (no adaptive weight), and ``--perceptual-weight > 0`` adds LPIPS (Zhang et al.
@@ -15,21 +29,27 @@ fixed weight (no adaptive weight), and ``--perceptual-weight > 0`` adds LPIPS (Z
 At the end ``final/metrics.json`` holds, on ``--eval-images`` held-out images (the Shapes
 test split): PSNR on the [0, 1] scale (mean over images) of ``decode(encode(x))``, and
 codebook usage (discrete: fraction of the vocabulary used; binary: fraction of bit channels
-taking both values, and their mean entropy).
+taking both values, and their mean entropy). For tokenizers whose reconstructions are semantic
+re-generations (a ``DiffusionDecoder``: SEED, slot; see :func:`semantic_reconstruction`) on
+Shapes, also ``attribute_agreement`` (``eval.recon.attribute_agreement``: detected count,
+colours, shapes and objects of original vs reconstruction). A model with no pixel decoder
+(``decode`` raises) gets token usage only, and the reason under ``decode``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 import sys
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from train.common import (add_common_args, build_image_dataset, build_model, collate_images, parse_args,
                           parse_num_objects)
-from train.loop import Trainer, make_accelerator, seed_all
+from train.loop import Trainer, list_states, make_accelerator, seed_all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images (default: the test split of --data; for a folder, the folder)")
     g.add_argument("--eval-images", type=int, default=512, help="held-out images measured at the end")
     g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--init", metavar="DIR", default=None,
+                   help="initialise the weights from this checkpoint folder (e.g. a previous stage's "
+                        "OUT/final), strictly by tensor name; ignored when resuming from --out")
     g = p.add_argument_group("extra losses (from tokenizers_vis.losses, when it provides them)")
     g.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="LPIPS weight (needs tokenizers_vis.losses.LPIPS and its weights; 0 = off)")
@@ -97,13 +120,85 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(f)
 
 
+def init_weights(model: torch.nn.Module, path) -> list[str]:
+    """Load ``path``'s weights into ``model`` strictly by tensor name and shape (``--init``).
+
+    ``path``: an arzoo checkpoint folder (``config.json`` + ``model.safetensors``) or a
+    ``.safetensors`` file. Returns the constructor arguments that differ from the folder's
+    config (``["stage: 1 -> 3"]``); a different model class, or tensors that do not fit, exit
+    with the missing / unexpected / mis-shaped names.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from zoo.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_strict, read_config
+    from zoo.tokens import spec_to_json
+
+    p = Path(path)
+    cfg = None
+    if p.is_dir():
+        try:
+            cfg = read_config(p)
+        except CheckpointError as e:
+            raise SystemExit(f"--init {path}: {e}") from e
+        wpath = p / WEIGHTS_NAME
+        if not wpath.is_file():
+            raise SystemExit(f"--init {path}: no {WEIGHTS_NAME} in this folder (only safetensors weights are "
+                             f"loaded, never pickles)")
+    elif p.is_file():
+        if p.suffix != ".safetensors":
+            raise SystemExit(f"--init {path}: not a .safetensors file; pickled weights (.pt/.pth/.bin/.ckpt) are "
+                             f"never loaded (pass an arzoo checkpoint folder)")
+        wpath = p
+    else:
+        raise SystemExit(f"--init {path}: no such folder or file")
+    diffs = []
+    if cfg is not None:
+        cls = type(model)
+        own = f"{cls.__module__}:{cls.__qualname__}"
+        if cfg["class"] != own:
+            raise SystemExit(f"--init {path}: holds a {cfg['class']} ({cfg.get('name')}), not a {own}")
+        mine, theirs = spec_to_json(model.config), cfg["args"]
+        diffs = [f"{k}: {theirs.get(k, '(default)')} -> {mine.get(k, '(default)')}"
+                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SystemExit(f"--init {wpath}: truncated or corrupt safetensors file ({e})") from e
+    try:
+        load_state_strict(model, state, f"--init {wpath}")
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from e
+    return diffs
+
+
+def semantic_reconstruction(model) -> bool:
+    """Whether ``decode`` re-generates the content rather than copying pixels.
+
+    A model's own ``semantic_reconstruction`` attribute if it has one, else whether its
+    ``decoder`` is a :class:`~tokenizers_vis.diffusion_decoder.DiffusionDecoder` (SEED, slot).
+    """
+    flag = getattr(model, "semantic_reconstruction", None)
+    if flag is not None:
+        return bool(flag)
+    from tokenizers_vis.diffusion_decoder import DiffusionDecoder
+
+    return isinstance(getattr(model, "decoder", None), DiffusionDecoder)
+
+
 def _flat_tokens(tokens) -> torch.Tensor:
     return tokens.to_sequence().data
 
 
+def _uint8_hwc(images: torch.Tensor):
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 @torch.no_grad()
-def evaluate(model, dataset, *, num_images: int, batch_size: int, device) -> dict:
-    """PSNR of ``decode(encode(x))`` on [0, 1] (mean over images) and token usage."""
+def evaluate(model, dataset, *, num_images: int, batch_size: int, device, attributes: bool = False) -> dict:
+    """PSNR of ``decode(encode(x))`` on [0, 1] (mean over images) and token usage; with
+    ``attributes`` also ``eval.recon.attribute_agreement`` of the uint8 images. If ``decode``
+    fails on the first batch (no pixel decoder), token usage only and the error under ``decode``."""
     n = min(num_images, len(dataset))
     if n < 1:
         raise SystemExit("the evaluation set is empty")
@@ -113,14 +208,25 @@ def evaluate(model, dataset, *, num_images: int, batch_size: int, device) -> dic
     counts = torch.zeros(spec.vocab_size, dtype=torch.long) if spec.kind == "discrete" else None
     bit_sum = torch.zeros(spec.bits, dtype=torch.float64) if spec.kind == "binary" else None
     bit_n, codes = 0, set()
+    decode_error, originals, recons = None, [], []
     for batch in loader:
         x = batch["image"].to(device)
         tokens = model.encode(x)
-        recon = model.decode(tokens).float()
-        x01, r01 = (x.clamp(-1, 1) + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
-        mse = (x01 - r01).pow(2).flatten(1).mean(1)
-        psnr_sum += float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).sum())
-        mse_sum += float(mse.sum())
+        if decode_error is None:
+            try:
+                recon = model.decode(tokens).float()
+            except (RuntimeError, NotImplementedError) as e:
+                if count:  # earlier batches decoded: a real failure, not a missing decoder
+                    raise
+                decode_error = f"{type(e).__name__}: {e}"
+        if decode_error is None:
+            x01, r01 = (x.clamp(-1, 1) + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
+            mse = (x01 - r01).pow(2).flatten(1).mean(1)
+            psnr_sum += float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).sum())
+            mse_sum += float(mse.sum())
+            if attributes:
+                originals.extend(_uint8_hwc(x))
+                recons.extend(_uint8_hwc(recon))
         count += x.shape[0]
         flat = _flat_tokens(tokens).cpu()
         if counts is not None:
@@ -132,8 +238,15 @@ def evaluate(model, dataset, *, num_images: int, batch_size: int, device) -> dic
             if spec.bits <= 62:
                 from zoo.tokens import bits_to_groups
                 codes.update(bits_to_groups(flat.reshape(-1, spec.bits), spec.bits).unique().tolist())
-    out = {"eval_images": count, "psnr": psnr_sum / count, "mse": mse_sum / count,
-           "tokens": spec.describe()}
+    out = {"eval_images": count, "tokens": spec.describe()}
+    if decode_error is None:
+        out.update(psnr=psnr_sum / count, mse=mse_sum / count)
+        if attributes:
+            from eval.recon import attribute_agreement
+
+            out["attribute_agreement"] = attribute_agreement(originals, recons)
+    else:
+        out["decode"] = f"skipped: the model cannot decode ({decode_error})"
     if counts is not None:
         p = counts.double() / counts.sum()
         nz = p[p > 0]
@@ -158,6 +271,14 @@ def main(argv=None) -> dict:
     for attr in ("spec", "image_size", "encode", "decode"):
         if not hasattr(model, attr):
             raise SystemExit(f"{args.model} is not a tokenizer (it has no {attr!r}); pass --model tokenizer/...")
+    if args.init:
+        mode = str(args.resume).lower()
+        if mode not in ("no", "never", "false", "0") and (mode != "auto" or list_states(args.out)):
+            acc.print(f"[tokenizer] --init {args.init} ignored: resuming from the saved state in {args.out}")
+        else:
+            diffs = init_weights(model, args.init)
+            acc.print(f"[tokenizer] initialised from {args.init}"
+                      + (f" (constructor arguments differ: {'; '.join(diffs)})" if diffs else ""))
     res = args.resolution or model.image_size
     if res != model.image_size:
         raise SystemExit(f"--resolution {res} does not match {args.model}'s image_size {model.image_size}")
@@ -189,11 +310,26 @@ def main(argv=None) -> dict:
     disc = trainer.aux[0] if trainer.aux else None
     disc_raw = acc.unwrap_model(disc) if disc is not None else None
 
+    # SEED / slot take the captions for their image-text contrastive terms
+    takes_captions = "captions" in inspect.signature(trainer.unwrapped.forward).parameters
+    noted = set()
+
     def step_fn(batch):
         x = batch["image"]
-        recon, losses = trainer.model(x)
+        if takes_captions:
+            caps = batch["caption"]
+            recon, losses = trainer.model(x, captions=caps if any(caps) else None)
+        else:
+            recon, losses = trainer.model(x)
         out = dict(losses)
         total = losses["loss"]
+        if recon is None and (perceptual is not None or gan is not None):
+            if "recon" not in noted:
+                noted.add("recon")
+                acc.print("[tokenizer] the model returns no reconstruction at this stage (recon is None): "
+                          "perceptual and GAN terms skipped")
+            out["loss"] = total
+            return out
         if perceptual is not None:
             p = perceptual(x, recon).mean()
             total = total + args.perceptual_weight * p
@@ -216,11 +352,12 @@ def main(argv=None) -> dict:
 
     def metrics_fn(export):
         eval_data = args.eval_data or args.data
-        split = "test" if eval_data.split(":")[0] == "shapes" else "eval"
+        shapes = eval_data.split(":")[0] == "shapes"
+        split = "test" if shapes else "eval"
         eval_set = build_image_dataset(eval_data, split=split, resolution=res, num_objects=args.num_objects,
-                                       length=args.eval_images if eval_data.startswith("shapes") else None)
+                                       length=args.eval_images if shapes else None)
         m = evaluate(export, eval_set, num_images=args.eval_images, batch_size=args.eval_batch_size,
-                     device=acc.device)
+                     device=acc.device, attributes=shapes and semantic_reconstruction(export))
         m["eval_data"] = f"{eval_data} ({split} split)" if split == "test" else eval_data
         m["gan"] = gan is not None
         m["perceptual"] = perceptual is not None
