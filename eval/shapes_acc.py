@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=256)
     p.add_argument("--modes", default="class,caption", help="class, caption or both (comma-separated)")
     p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant",
+                   help="linear: the scale ramps from 1 to --cfg over the generation steps (VAR, xAR, MAR)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         modes = tuple(m for m in modes if m != "caption")
     if "class" in modes and not gen_cfg.get("num_classes"):
         modes = tuple(m for m in modes if m != "class")
-    sampling = SamplingConfig(cfg=a.cfg, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    sampling = SamplingConfig(cfg=a.cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
     rep = evaluate(pipe, num=a.num, sampling=sampling, seed=a.seed, batch_size=a.batch_size, modes=modes)
     rep.update(tokenizer=a.tokenizer, generator=a.generator)
     print(json.dumps(rep, indent=2))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from eval import geneval as G
+from eval import geneval_natural as GN
 from eval import geneval_shapes as GS
 from zoo.data import shapes as S
 from zoo.data import text as T
@@ -402,13 +403,13 @@ def test_torchvision_detector_output_mapping():
                      "labels": torch.tensor([75, 12, 17]),  # remote, N/A, cat
                      "scores": torch.tensor([0.9, 0.8, 0.7]), "masks": masks}]
 
-    d = G.TorchvisionDetector(model=Stub().eval())
+    d = GN.TorchvisionDetector(model=Stub().eval())
     out = d.detect(np.zeros((8, 8, 3), dtype=np.uint8))
     assert sorted(out) == ["cat", "tv remote"]
     (r,) = out["tv remote"]
     assert r.score == pytest.approx(0.9) and r.mask.dtype == bool and r.mask.sum() == 32
     with pytest.raises(FileNotFoundError, match="--detector-weights"):
-        G.TorchvisionDetector(weights="/nonexistent.pth").detect(np.zeros((8, 8, 3), dtype=np.uint8))
+        GN.TorchvisionDetector(weights="/nonexistent.pth").detect(np.zeros((8, 8, 3), dtype=np.uint8))
 
 
 def test_openclip_classifier_missing_is_a_clear_error():
@@ -418,4 +419,4 @@ def test_openclip_classifier_missing_is_a_clear_error():
     except ImportError:
         pass
     with pytest.raises(ImportError, match="open_clip"):
-        G.OpenCLIPColorClassifier().classify(np.zeros((8, 8, 3), np.uint8), (0, 0, 4, 4), None, G.COLORS)
+        GN.OpenCLIPColorClassifier().classify(np.zeros((8, 8, 3), np.uint8), (0, 0, 4, 4), None, G.COLORS)
