@@ -8,6 +8,10 @@ score on the Shapes domain; the numbers in checkpoints.md come from this command
 
     python -m eval.shapes_acc --tokenizer tokenizer/vq-tiny:shapes \
         --generator generator/raster-ar-tiny:shapes --num 256 --cfg 2.0 --seed 0
+
+``--samples runs/JOB/samples.npz`` scores class-conditional samples that ``arzoo eval fid-job``
+already made (its ``arr_1`` holds each image's class), so one sampling pass gives both
+Shapes-FID and Shapes accuracy.
 """
 from __future__ import annotations
 
@@ -52,8 +56,39 @@ def evaluate(pipe, *, num: int = 256, sampling: SamplingConfig | None = None, se
     return report
 
 
+def score_npz(path: str) -> dict:
+    """Class accuracy of an ``arzoo eval fid-job`` ``samples.npz`` (``arr_0`` images, ``arr_1`` classes)."""
+    with np.load(path) as d:
+        if "arr_1" not in d:
+            raise ValueError(f"{path}: no arr_1 (class labels); only class-conditional fid-job samples can be scored")
+        images, labels = d["arr_0"], d["arr_1"].astype(int).tolist()
+    if images.ndim != 4 or images.shape[0] != len(labels):
+        raise ValueError(f"{path}: expected arr_0 (N, H, W, 3) uint8 and arr_1 (N,), got {images.shape} / {len(labels)}")
+    acc, got = score(images, labels)
+    return {"num": len(labels), "samples": str(path), "class_accuracy": acc,
+            "class_detected_none_or_many": float(np.mean([g == -1 for g in got]))}
+
+
 def main(argv=None) -> int:
     from zoo.pipeline import Pipeline
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--samples" in argv:  # score existing fid-job samples; no models needed
+        q = argparse.ArgumentParser(prog="python -m eval.shapes_acc --samples")
+        q.add_argument("--samples", required=True, help="samples.npz of a class-conditional fid-job")
+        q.add_argument("--json", help="also write the report here")
+        a = q.parse_args(argv)
+        try:
+            rep = score_npz(a.samples)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"shapes_acc: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(rep, indent=2))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rep, f, indent=2)
+        return 0
 
     p = argparse.ArgumentParser(prog="python -m eval.shapes_acc", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="checkpoint dir, registry name or name:tag")

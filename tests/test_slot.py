@@ -83,7 +83,23 @@ def test_joint_stage_reaches_the_qformer_through_the_quantiser():
     losses["loss"].backward()
     assert grads_of(m, "qformer") and grads_of(m, "quantizer") and grads_of(m, "decoder")
     with pytest.raises(ValueError, match="stage"):
-        small_slot(stage=3)
+        small_slot(stage=4)
+
+
+def test_stage3_trains_only_the_decoder_on_the_tokens_condition():
+    m = small_slot(stage=3).train()
+    x = images(4)
+    recon, losses = m(x)
+    assert set(losses) == {"diffusion", "loss"} and recon.shape == (4, 3, 64, 64)
+    losses["loss"].backward()
+    assert grads_of(m, "decoder")
+    assert not grads_of(m, "qformer") and not grads_of(m, "quantizer") and not grads_of(m, "recon_head")
+    # the condition it trains on is decode()'s condition for the same image's tokens
+    torch.manual_seed(0)
+    a = m.decoder.loss(m._to_decoder_res(x), m.decoder_condition(m.encode(x)))[0]
+    torch.manual_seed(0)
+    b = m(x)[1]["diffusion"]
+    assert torch.allclose(a, b)
 
 
 def test_decode_seeded_and_step_count(tmp_path):

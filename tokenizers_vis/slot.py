@@ -30,6 +30,9 @@ paper's two stages with the loss terms that do not need pretrained LLM/CLIP part
 * **2** (quantisation): the Q-Former runs without gradient; RVQ loss, reconstruction of the
   continuous slots from the quantised ones (MSE -- the slots condition the decoder, so their
   scale matters), generation MSE and diffusion loss on the reconstructed slots;
+* **3** (decoder, tiny scale only, as SEED's stage 3): the diffusion loss of the decoder given
+  ``decoder_condition(encode(x))``; trains only the decoder (the tiny decoder learns shapes far
+  more slowly than the Q-Former learns to encode them);
 * **0** (default, joint): stage 2's terms, with the diffusion and generation losses (and ITC
   when captions are given) also reaching the Q-Former through the straight-through RVQ; the
   RVQ and slot-reconstruction losses never do (``QFormerTokenizer._quantize_routed``: they
@@ -84,7 +87,7 @@ class SlotTokenizer(QFormerTokenizer):
             1's term) with this weight -- it gives a from-scratch Q-Former image-dependent slots
             before the codes separate images (see ``SEEDTokenizer``'s ``distill_weight``).
         decoder_*: the diffusion decoder (cross-attends to the ``dim``-wide slots); ``[]``: none.
-        stage: 0 (joint), 1 (continuous) or 2 (quantised).
+        stage: 0 (joint), 1 (continuous), 2 (quantised) or 3 (decoder only).
     """
 
     def __init__(self, image_size: int = 224, teacher: str = "timm:vit_large_patch14_dinov2",
@@ -108,7 +111,7 @@ class SlotTokenizer(QFormerTokenizer):
         super().__init__()
         self._build_common(
             image_size=image_size, teacher=teacher, context_dim=context_dim, context_pos=context_pos,
-            stages=(0, 1, 2), stage=stage, text_dim=text_dim, text_depth=text_depth, text_len=text_len,
+            stages=(0, 1, 2, 3), stage=stage, text_dim=text_dim, text_depth=text_depth, text_len=text_len,
             itc_dim=itc_dim, label_smoothing=label_smoothing, cond_dim=dim, decoder_size=decoder_size,
             decoder_channels=decoder_channels, decoder_layers=decoder_layers,
             decoder_attn_levels=decoder_attn_levels, decoder_heads=decoder_heads,
@@ -192,6 +195,12 @@ class SlotTokenizer(QFormerTokenizer):
     def forward(self, images: torch.Tensor, captions=None):
         """One training step of ``self.stage``: ``(recon, losses)``; see the module docstring."""
         s, w = self.stage, self.weights
+        if s == 3:  # decoder only: the condition is exactly what decode() will see for the tokens
+            self._require_decoder()
+            with torch.no_grad():
+                cond = self.decoder_condition(self.encode(self.check_images(images)))
+            diff, recon = self.diffusion_loss(images, cond)
+            return recon, {"diffusion": diff.detach(), "loss": w["diffusion"] * diff}
         fmap = self.teacher_features(self.check_images(images))
         target = self.generation_target(fmap)
         losses: dict = {}
