@@ -310,7 +310,7 @@ _PAPER_BASE = {
 }
 
 
-@register("generator/himar-tiny", paper=PAPER,
+@register("generator/himar-tiny", paper=PAPER, weights={"shapes": "weights/generator-himar-tiny"},
           description="Hi-MAR (4x4 pivots + masked AR + global DiT head), tiny (kl-tiny 8x8x8, class + caption)")
 def himar_tiny(**overrides):
     """Hi-MAR (4x4 pivots + masked AR + global DiT head), tiny (kl-tiny 8x8x8, class + caption)."""

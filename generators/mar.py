@@ -425,7 +425,7 @@ _PAPER_BASE = {"spec": _KL16, "num_classes": 1000, "buffer_size": 64, "dropout":
                "class_dropout": 0.1, "num_iter": 64}
 
 
-@register("generator/mar-tiny", paper=PAPER,
+@register("generator/mar-tiny", paper=PAPER, weights={"shapes": "weights/generator-mar-tiny"},
           description="MAR (masked AR + diffusion MLP head), tiny (kl-tiny 8x8x8, class + caption)")
 def mar_tiny(**overrides):
     """MAR (masked AR + diffusion MLP head), tiny (kl-tiny 8x8x8, class + caption)."""

@@ -501,8 +501,8 @@ _PAPER_BASE = {"spec": _KL16, "entity": "cell", "entity_size": 8, "num_classes":
                "sampler": "euler_maruyama"}
 
 
-@register("generator/xar-tiny", paper=PAPER, description="xAR next-cell flow matching, tiny (2x2 cells on "
-          "kl-tiny's 8x8x8 grid, class + caption prefix)")
+@register("generator/xar-tiny", paper=PAPER, weights={"shapes": "weights/generator-xar-tiny"},
+          description="xAR next-cell flow matching, tiny (2x2 cells on kl-tiny's 8x8x8 grid, class + caption prefix)")
 def xar_tiny(**overrides):
     """xAR next-cell flow matching, tiny (2x2 cells on kl-tiny's 8x8x8 grid, class + caption prefix)."""
     return XAR(**{**TINY, **overrides})

@@ -352,7 +352,7 @@ TOKENFLOW_B = {"image_size": 224, "ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_re
                "sem_decoder_heads": 12, "level_attn": True, "mid_attn": True, "norm_groups": 32}
 
 
-@register("tokenizer/tokenflow-tiny", paper=PAPER)
+@register("tokenizer/tokenflow-tiny", paper=PAPER, weights={"shapes": "weights/tokenizer-tokenflow-tiny"})
 def tokenflow_tiny(**overrides):
     """Tiny TokenFlow for Shapes 64x64: scales (1,2,3,4,6,8) -> 130 shared ids into 1024 x (32 + 8) codes."""
     return TokenFlowTokenizer(**{**TINY, **overrides})
