@@ -36,6 +36,25 @@ def score(images: np.ndarray, wanted: list[int]) -> tuple[float, list[int]]:
     return acc, got
 
 
+def colour_accuracy(images: np.ndarray, wanted: list[int]) -> float:
+    """Fraction of images whose dominant foreground colour is the requested class's colour.
+
+    A coarse partial-credit score for weak generators (the shape and count are ignored): each
+    pixel gets its nearest palette colour and mixing weight (``zoo.data.shapes``' pixel model,
+    the one ``detect`` uses); pixels with weight > 0.5 vote, weighted by it. An image with no
+    foreground counts as wrong. Chance is 10%.
+    """
+    from zoo.data.shapes import COLORS, explain_pixels
+
+    ok = 0
+    for img, w in zip(images, wanted):
+        idx, alpha = explain_pixels(np.asarray(img, dtype=np.float64))
+        fg = alpha > 0.5
+        if fg.any():
+            ok += int(np.bincount(idx[fg], weights=alpha[fg], minlength=len(COLORS)).argmax() == w % len(COLORS))
+    return ok / len(wanted) if wanted else float("nan")
+
+
 def evaluate(pipe, *, num: int = 256, sampling: SamplingConfig | None = None, seed: int = 0,
              batch_size: int = 64, modes=("class", "caption"), progress: bool = True) -> dict:
     from zoo.data.shapes import NUM_CLASSES, class_caption
@@ -48,6 +67,7 @@ def evaluate(pipe, *, num: int = 256, sampling: SamplingConfig | None = None, se
                              progress=progress)
         report["class_accuracy"], got = score(np.asarray(imgs), wanted)
         report["class_detected_none_or_many"] = float(np.mean([g == -1 for g in got]))
+        report["class_colour_accuracy"] = colour_accuracy(np.asarray(imgs), wanted)
     if "caption" in modes:
         prompts = [class_caption(c) for c in wanted]
         imgs = pipe.generate(prompts=prompts, sampling=sampling, seed=seed, batch_size=batch_size,
@@ -66,7 +86,8 @@ def score_npz(path: str) -> dict:
         raise ValueError(f"{path}: expected arr_0 (N, H, W, 3) uint8 and arr_1 (N,), got {images.shape} / {len(labels)}")
     acc, got = score(images, labels)
     return {"num": len(labels), "samples": str(path), "class_accuracy": acc,
-            "class_detected_none_or_many": float(np.mean([g == -1 for g in got]))}
+            "class_detected_none_or_many": float(np.mean([g == -1 for g in got])),
+            "class_colour_accuracy": colour_accuracy(images, labels)}
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,17 @@ def _npz(tmp_path, labels_shift=0):
 
 
 def test_scores_correct_and_wrong_labels(tmp_path):
-    assert shapes_acc.score_npz(_npz(tmp_path))["class_accuracy"] == 1.0
-    assert shapes_acc.score_npz(_npz(tmp_path, labels_shift=1))["class_accuracy"] == 0.0
+    right = shapes_acc.score_npz(_npz(tmp_path))
+    assert right["class_accuracy"] == 1.0 and right["class_colour_accuracy"] == 1.0
+    wrong = shapes_acc.score_npz(_npz(tmp_path, labels_shift=1))  # next colour, same shape
+    assert wrong["class_accuracy"] == 0.0 and wrong["class_colour_accuracy"] == 0.0
+    shape_only = shapes_acc.score_npz(_npz(tmp_path, labels_shift=10))  # next shape, same colour
+    assert shape_only["class_accuracy"] == 0.0 and shape_only["class_colour_accuracy"] == 1.0
+
+
+def test_colour_accuracy_counts_blank_images_as_wrong():
+    blank = np.full((1, 64, 64, 3), 128, np.uint8)  # background only
+    assert shapes_acc.colour_accuracy(blank, [0]) == 0.0
 
 
 def test_cli_writes_json_and_rejects_unlabelled(tmp_path):

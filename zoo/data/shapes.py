@@ -403,7 +403,7 @@ def _to_uint8_hwc(image) -> np.ndarray:
     raise TypeError(f"detect: expected a torch tensor, numpy array or PIL image, got {type(image).__name__}")
 
 
-def _explain_pixels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def explain_pixels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel: best palette colour index and its mixing weight alpha in [0, 1].
 
     The pixel is modelled as ``bg + alpha * (colour - bg)``; the colour whose segment passes
@@ -517,7 +517,7 @@ def detect(image, min_area: int | None = None) -> list[dict]:
     h, w = img.shape[:2]
     if min_area is None:
         min_area = max(4, int(0.005 * h * w))
-    color_idx, alpha = _explain_pixels(img)
+    color_idx, alpha = explain_pixels(img)
     # alpha >= 0.5: the pixel is closer to its colour than to the background along the
     # mixing line. Far-off pixels that no segment explains still count as foreground.
     dist_bg = np.sqrt(((img - _BG) ** 2).sum(-1))
