@@ -308,29 +308,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def run_tokenizer_report(prog: str, source: str, compute, fmt, json_path=None) -> int:
+    """Shared CLI tail of the tokenizer reports (``recon``, ``semantic``): load ``source``,
+    ``compute(tokenizer) -> report``, record the weights, print ``fmt(report)``, write JSON.
+    Bad input (unknown name, corrupt checkpoint, wrong sizes) exits 2 with a one-line message."""
+    from eval.fid import emit_json
+    from eval.fid_job import weights_info
     from zoo.checkpoint import CheckpointError
     from zoo.pipeline import load_model
     from zoo.registry import UnknownModel
 
+    try:
+        tok = load_model(source, "tokenizer")
+        report = compute(tok)
+    except (ValueError, FileNotFoundError, UnknownModel, CheckpointError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    report["tokenizer_weights"] = weights_info(source, tok)
+    print(fmt(report))
+    emit_json(report, json_path)
+    return 0
+
+
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tok = load_model(args.tokenizer, "tokenizer")
-        report = evaluate(tok, args.data, batch_size=args.batch_size, device=device,
-                          features=None if args.no_rfid else args.features, inception_weights=args.inception_weights,
-                          progress=args.progress, attributes=False if args.no_attributes else None)
-    except (ValueError, FileNotFoundError, UnknownModel, CheckpointError) as e:
-        print(f"arzoo eval recon: {e}", file=sys.stderr)
-        return 2
-    from eval.fid_job import weights_info
-
-    report["tokenizer_weights"] = weights_info(args.tokenizer, tok)
-    from eval.fid import emit_json
-
-    print(format_report(report))
-    emit_json(report, args.json)
-    return 0
+    return run_tokenizer_report(
+        "arzoo eval recon", args.tokenizer,
+        lambda tok: evaluate(tok, args.data, batch_size=args.batch_size, device=device,
+                             features=None if args.no_rfid else args.features,
+                             inception_weights=args.inception_weights, progress=args.progress,
+                             attributes=False if args.no_attributes else None),
+        format_report, args.json)
 
 
 if __name__ == "__main__":

@@ -307,26 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from eval.fid import emit_json
-    from eval.fid_job import weights_info
-    from zoo.checkpoint import CheckpointError
-    from zoo.pipeline import load_model
-    from zoo.registry import UnknownModel
+    from eval.recon import run_tokenizer_report
 
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tok = load_model(args.tokenizer, "tokenizer")
-        report = evaluate(tok, num_train=args.train, num_test=args.test, features=args.features, seed=args.seed,
-                          batch_size=args.batch_size, weight_decay=args.weight_decay, max_iter=args.max_iter,
-                          device=device)
-    except (ValueError, FileNotFoundError, UnknownModel, CheckpointError) as e:
-        print(f"arzoo eval semantic: {e}", file=sys.stderr)
-        return 2
-    report["tokenizer_weights"] = weights_info(args.tokenizer, tok)
-    print(format_report(report))
-    emit_json(report, args.json)
-    return 0
+    return run_tokenizer_report(
+        "arzoo eval semantic", args.tokenizer,
+        lambda tok: evaluate(tok, num_train=args.train, num_test=args.test, features=args.features, seed=args.seed,
+                             batch_size=args.batch_size, weight_decay=args.weight_decay, max_iter=args.max_iter,
+                             device=device),
+        format_report, args.json)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each training script run in this process builds its own Accelerator; forget the last one
+    (use with ``pytestmark = pytest.mark.usefixtures("fresh_accelerate")``)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -144,16 +144,7 @@ def toy_models(monkeypatch):
     registry.unregister(TOY_GEN)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    """Each script run in this process builds its own Accelerator; forget the last one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _toy_tokenizer_dir(tmp_path) -> Path:

@@ -12,15 +12,7 @@ import zoo
 SHRINK = ["codebook_size=64", "decoder_channels=[8, 16]", "sample_steps=2", "restart_threshold=0"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _argv(out, stage, *extra, steps=2):
