@@ -450,7 +450,7 @@ TINY = {"image_size": 64, "teacher": "eval/shapes-net:shapes", "context_dim": 12
         "decoder_heads": 4, "decoder_groups": 8, "prediction_type": "sample", "sample_steps": 25}
 
 
-@register("tokenizer/seed-tiny", paper=SEED_PAPER)
+@register("tokenizer/seed-tiny", paper=SEED_PAPER, weights={"shapes": "weights/tokenizer-seed-tiny"})
 def seed_tiny(**overrides):
     """Tiny SEED for Shapes 64x64: 8 causal Q-Former tokens, codebook 1024 x 32, 32-px diffusion decoder."""
     return SEEDTokenizer(**{**TINY, **overrides})

@@ -252,7 +252,7 @@ TINY = {"image_size": 64, "teacher": "eval/shapes-net:shapes", "context_dim": 12
         "decoder_heads": 4, "decoder_groups": 8, "prediction_type": "sample", "sample_steps": 25}
 
 
-@register("tokenizer/slot-tiny", paper=SLOT_PAPER)
+@register("tokenizer/slot-tiny", paper=SLOT_PAPER, weights={"shapes": "weights/tokenizer-slot-tiny"})
 def slot_tiny(**overrides):
     """Tiny Slot-MLLM tokenizer for Shapes 64x64: 8 slots x 4 shared-codebook RVQ levels, 32-px diffusion decoder."""
     return SlotTokenizer(**{**TINY, **overrides})

@@ -348,7 +348,7 @@ F32 = {"image_size": 256, "ch": 128, "ch_mult": [1, 1, 2, 2, 4, 4], "num_res_blo
        "teacher_dim": 768, "gap_dim": 512, "gap_depth": 4, "gap_heads": 8}
 
 
-@register("tokenizer/uniwetok-tiny", paper=PAPER)
+@register("tokenizer/uniwetok-tiny", paper=PAPER, weights={"shapes": "weights/tokenizer-uniwetok-tiny"})
 def uniwetok_tiny(**overrides):
     """Tiny UniWeTok for Shapes 64x64: f8 -> 8x8 tokens x 128 bits, SigLu, PPD (shapes-net), GAP."""
     return UniWeTokTokenizer(**{**TINY, **overrides})
