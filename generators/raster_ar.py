@@ -211,7 +211,12 @@ _PAPER_BASE = dict(spec=_VQ16, num_classes=1000, ffn_multiple=256, dropout=0.1, 
                    class_dropout=0.1)
 
 
-@register("generator/raster-ar-tiny", paper=PAPER, weights={"shapes": "weights/generator-raster-ar-tiny"},
+# One tag per Shapes tokenizer it was trained on ("shapes" = vq-tiny); each checkpoint carries
+# its tokenizer's spec, so e.g. raster-ar-tiny:shapes-seed pairs with tokenizer/seed-tiny:shapes.
+@register("generator/raster-ar-tiny", paper=PAPER, weights={
+    "shapes": "weights/generator-raster-ar-tiny",
+    "shapes-seed": "weights/generator-raster-ar-tiny-seed",
+    "shapes-slot": "weights/generator-raster-ar-tiny-slot"},
           description="LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)")
 def raster_ar_tiny(**overrides):
     """LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)."""
