@@ -216,7 +216,9 @@ _PAPER_BASE = dict(spec=_VQ16, num_classes=1000, ffn_multiple=256, dropout=0.1, 
 @register("generator/raster-ar-tiny", paper=PAPER, weights={
     "shapes": "weights/generator-raster-ar-tiny",
     "shapes-seed": "weights/generator-raster-ar-tiny-seed",
-    "shapes-slot": "weights/generator-raster-ar-tiny-slot"},
+    "shapes-slot": "weights/generator-raster-ar-tiny-slot",
+    "shapes-tokenflow": "weights/generator-raster-ar-tiny-tokenflow",
+    "shapes-uniwetok": "weights/generator-raster-ar-tiny-uniwetok"},
           description="LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)")
 def raster_ar_tiny(**overrides):
     """LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)."""
