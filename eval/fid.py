@@ -65,6 +65,14 @@ import torch
 from torch.utils.data import Dataset
 
 from eval.features import FIDELITY_NAME, NOT_COMPARABLE, register_torch_fidelity
+from eval.images import (  # noqa: F401  (re-exported: the image sources used to live here)
+    ArrayImages,
+    FolderImages,
+    ShapesImages,
+    npz_array,
+    open_images,
+    parse_shapes,
+)
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -75,161 +83,12 @@ _LAYERS = {"shapes-net": ("features", None, "shapes_", "Shapes-FID"),
 RESIZE = {"shapes-net": "inputs resized inside shapes-net to 64x64 (bilinear, antialiased when shrinking)",
           "inception": "inputs resized inside torch-fidelity to 299x299 (TF1-compatible bilinear, "
                        "align_corners=False), as the TF FID/ADM evaluator"}
-_IMAGE_EXT = (".png", ".jpg", ".jpeg")
 
 register_torch_fidelity()
 
 
 class InceptionWeightsMissing(FileNotFoundError):
     """The Inception-v3 FID weights are not on this machine (no download is attempted)."""
-
-
-# ---------------------------------------------------------------------------- inputs
-def npz_array(path, key: str = "arr_0") -> np.ndarray:
-    """``key`` of an ``.npz`` file, memory-mapped when the member is stored uncompressed
-    (``np.savez``, what ADM's and our samplers write), so a 50k x 256^2 sample file is read
-    lazily batch by batch instead of as one 10 GB array (ADM's evaluator streams it too)."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf:
-        name = key + ".npy"
-        if name not in zf.namelist():
-            raise KeyError(f"{path}: no {key!r} in this npz (keys: {[n[:-4] for n in zf.namelist()]})")
-        info = zf.getinfo(name)
-        if info.compress_type != zipfile.ZIP_STORED:
-            with zf.open(name) as f:
-                return np.lib.format.read_array(f)
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # zip local file header; name and extra field lengths at 26..30
-        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
-               + int.from_bytes(local[28:30], "little"))
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f)
-        offset = f.tell()
-    if dtype.hasobject:
-        raise ValueError(f"{path}: {key} holds Python objects; expected a uint8 image array")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
-
-class ArrayImages(Dataset):
-    """uint8 (N, H, W, 3) array -> items uint8 (3, H, W) tensors (torch-fidelity's input format)."""
-
-    def __init__(self, arr: np.ndarray, source: str = "array"):
-        arr = np.asarray(arr)
-        if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-            raise ValueError(f"{source}: expected uint8 images of shape (N, H, W, 3) (ADM arr_0), "
-                             f"got {arr.dtype} {arr.shape}")
-        self.arr = arr
-
-    def __len__(self):
-        return len(self.arr)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.arr[i])).permute(2, 0, 1)  # a copy: the array may be a read-only memmap
-
-
-class FolderImages(Dataset):
-    """Image files of a folder (sorted by name), as uint8 (3, H, W) tensors (RGB)."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in _IMAGE_EXT)
-        if not self.files:
-            raise ValueError(f"{folder}: no {'/'.join(e[1:] for e in _IMAGE_EXT)} images in this folder")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-
-
-class ShapesImages(Dataset):
-    """The Shapes dataset rendered as uint8 (3, H, W) tensors."""
-
-    def __init__(self, split: str, num: int, resolution: int = 64, objects=1):
-        from zoo.data.shapes import ShapesDataset
-
-        self.ds = ShapesDataset(split, resolution, objects, length=num)
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(self.ds.sample(i)[0]).permute(2, 0, 1)
-
-
-def parse_shapes(text: str, default_resolution: int = 64) -> dict:
-    """``shapes:<split>[:N][:objects=A-B][:res=R]`` -> dict(split, num, objects, resolution)."""
-    parts = text.split(":")
-    if parts[0] != "shapes" or len(parts) < 2 or parts[1] not in ("train", "test"):
-        raise ValueError(f"expected 'shapes:<train|test>[:N][:objects=1-4][:res=64]', got {text!r}")
-    out = {"split": parts[1], "num": 10000, "objects": 1, "resolution": default_resolution}
-    for p in parts[2:]:
-        key, sep, val = p.partition("=")
-        try:
-            if not sep:
-                out["num"] = int(p)
-            elif key == "objects":
-                lo, _, hi = val.partition("-")
-                out["objects"] = (int(lo), int(hi)) if hi else int(lo)
-            elif key in ("res", "resolution"):
-                out["resolution"] = int(val)
-            else:
-                raise ValueError(key)
-        except ValueError:
-            raise ValueError(f"{text!r}: cannot read {p!r}; expected N, objects=A-B or res=R") from None
-    if out["num"] < 1:
-        raise ValueError(f"{text!r}: N must be >= 1")
-    return out
-
-
-def _image_size(ds: Dataset):
-    return tuple(int(s) for s in ds[0].shape[1:]) if len(ds) else None
-
-
-def open_images(source, *, default_resolution: int = 64) -> tuple[Dataset, dict]:
-    """A torch-fidelity input Dataset (uint8 CHW items) and a description of it.
-
-    ``source``: a folder, an ``.npz`` with ``arr_0``, ``shapes:...``, a uint8 NHWC array or
-    tensor, or a Dataset of uint8 CHW tensors.
-    """
-    if isinstance(source, Dataset):
-        ds, desc = source, {"source": type(source).__name__}
-    elif isinstance(source, (np.ndarray, torch.Tensor)):
-        arr = source.numpy() if isinstance(source, torch.Tensor) else source
-        ds, desc = ArrayImages(arr), {"source": "array"}
-    else:
-        s = str(source)
-        if s.startswith("shapes:"):
-            spec = parse_shapes(s, default_resolution)
-            ds = ShapesImages(spec["split"], spec["num"], spec["resolution"], spec["objects"])
-            desc = {"source": s, "dataset": spec}
-        elif Path(s).is_dir():
-            ds, desc = FolderImages(s), {"source": s}
-        elif Path(s).is_file() and s.endswith(".npz"):
-            with np.load(s) as z:
-                if "arr_0" not in z:
-                    what = "a statistics file (mu/sigma): pass it as the reference (--ref)" \
-                        if "mu" in z else f"keys {sorted(z.keys())}"
-                    raise ValueError(f"{s}: no arr_0 images in this npz; it holds {what}")
-            ds = ArrayImages(npz_array(s, "arr_0"), s)
-            desc = {"source": s}
-        elif Path(s).exists():
-            raise ValueError(f"{s}: expected a folder of images, an .npz with arr_0, or shapes:<split>[:N]")
-        else:
-            raise ValueError(f"{s}: no such file or folder (expected a folder of images, an .npz with arr_0, "
-                             f"or shapes:<split>[:N])")
-    if len(ds) < 2:
-        raise ValueError(f"{desc['source']}: need at least 2 images, got {len(ds)}")
-    desc["num_images"] = len(ds)
-    desc["image_size"] = _image_size(ds)
-    return ds, desc
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -341,8 +200,8 @@ def inception_weights_path(path=None) -> Path:
 
 
 def _check_plain_weights(path: Path) -> None:
-    # torch-fidelity reads the file with torch.load(weights_only=False); refuse anything that
-    # is not a plain tensor state dict before that unpickles it.
+    # torch-fidelity unpickles this file without restriction; first make sure it is a plain
+    # tensor state dict (the restricted, tensors-only load below refuses anything else).
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
