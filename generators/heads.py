@@ -52,10 +52,13 @@ class OutputHead(nn.Module):
             cls = _head_class(args[0] if args else kwargs.get("spec"))
         return super().__new__(cls)  # (no required args: copy.deepcopy calls cls.__new__(cls))
 
-    def __init__(self, spec: TokenSpec, dim: int, out: int | None = None, zero_init: bool = True):
+    def __init__(self, spec: TokenSpec, dim: int, out: int | None = None, zero_init: bool = True,
+                 bias: bool = False):
         super().__init__()
         self.spec = spec
-        self.proj = nn.Linear(dim, out, bias=False)
+        self.proj = nn.Linear(dim, out, bias=bias)  # bias: VAR's head has one, LlamaGen's not
+        if bias:
+            nn.init.zeros_(self.proj.bias)
         if zero_init:  # LlamaGen zero-initialises the output layer
             nn.init.zeros_(self.proj.weight)
 
@@ -75,8 +78,8 @@ class OutputHead(nn.Module):
 class CategoricalHead(OutputHead):
     """Linear to ``vocab_size`` logits; cross-entropy; categorical sampling."""
 
-    def __init__(self, spec: TokenSpec, dim: int, zero_init: bool = True):
-        super().__init__(spec, dim, spec.vocab_size, zero_init)
+    def __init__(self, spec: TokenSpec, dim: int, zero_init: bool = True, bias: bool = False):
+        super().__init__(spec, dim, spec.vocab_size, zero_init, bias)
 
     def loss_from_logits(self, logits, targets):
         if targets.shape != logits.shape[:-1]:
@@ -98,8 +101,8 @@ class BitHead(OutputHead):
     are ignored.
     """
 
-    def __init__(self, spec: TokenSpec, dim: int, zero_init: bool = True):
-        super().__init__(spec, dim, spec.bits, zero_init)
+    def __init__(self, spec: TokenSpec, dim: int, zero_init: bool = True, bias: bool = False):
+        super().__init__(spec, dim, spec.bits, zero_init, bias)
 
     def loss_from_logits(self, logits, targets):
         if targets.shape != logits.shape:
@@ -126,9 +129,9 @@ def _head_class(spec: TokenSpec):
         "continuous tokens need a flow-matching or diffusion head (xAR / MAR generators)")
 
 
-def make_head(spec: TokenSpec, dim: int, zero_init: bool = True) -> OutputHead:
+def make_head(spec: TokenSpec, dim: int, zero_init: bool = True, bias: bool = False) -> OutputHead:
     """The output head for ``spec.kind`` (raises IncompatibleTokens for continuous tokens)."""
-    return _head_class(spec)(spec, dim, zero_init=zero_init)
+    return _head_class(spec)(spec, dim, zero_init=zero_init, bias=bias)
 
 
 __all__ = ["TokenEmbedding", "OutputHead", "CategoricalHead", "BitHead", "make_head"]

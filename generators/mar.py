@@ -17,6 +17,8 @@ Li, Tian, Li, Deng, He 2024, "Autoregressive Image Generation without Vector Qua
   centred at 1 with std 0.25; a random order per sample; the loss covers the masked
   tokens only. The class / caption condition is dropped to null with probability
   ``class_dropout`` (0.1) for CFG.
+* Optimizer: no weight decay on the diffusion head (:meth:`MAR.no_weight_decay`, which
+  ``train.loop.param_groups`` reads), as MAR's ``add_weight_decay`` skips ``diffloss``.
 * Sampling (:meth:`MAR.generate`): a random order per sample and ``num_iter`` steps; after
   step ``k`` ``floor(N·cos(π/2·(k+1)/T))`` tokens stay masked (at least one fewer each
   step, none after the last); each step runs the trunk once and the head on the tokens
@@ -291,6 +293,13 @@ class MAR(Generator):
 
     def _seq_len(self) -> int:
         return self.spec.num_tokens
+
+    def no_weight_decay(self) -> list:
+        """Parameter names kept out of weight decay: every diffusion head (MAR's ``diffloss``)."""
+        from generators.diffusion_head import _DDPMHead  # MAR's MLP head and Hi-MAR's DiT head
+
+        heads = [n for n, m in self.named_modules() if isinstance(m, _DDPMHead)]
+        return [n for n, _ in self.named_parameters() if any(n.startswith(h + ".") for h in heads)]
 
     def _make_trunk(self, dim, depth, heads, dec_dim, dec_depth, dec_heads, mlp_ratio, dropout, attn_dropout):
         return MaskedEncoderDecoder(self.seq_len, self.buffer_size, dim, depth, heads, dec_dim, dec_depth,

@@ -50,13 +50,27 @@ Where MVAR's memory saving comes from here
     forward/backward passes per chunk; here ``loss`` is one call, so the chunks are
     recomputed in backward instead (same gradients, one extra forward of compute).
 
-Deviations (the token contract): the generator sees only the tokenizer's
-:class:`~zoo.tokens.TokenSpec`, not its codebook or ``φ`` convs, so ``f̂`` is built from the
-generator's **own learned code embedding** ``E`` (``V x cvae``) without ``φ`` (VAR and MVAR use
-the frozen VQVAE codebook and its ``φ`` refinement); :meth:`NextScaleAR.load_codebook` can
-initialise ``E`` from a tokenizer's codebook. The output layer is the zoo's zero-initialised
-bias-free :class:`~generators.heads.CategoricalHead` (VAR: a Linear with bias, weights scaled by
-0.02). Non-square scales are accepted (windows are ``min(k, h) x min(k, w)``).
+The next-scale input (``fhat=``)
+    ``"tokenizer"`` (every registered config; VAR/MVAR): ``f̂`` is built exactly as the
+    tokenizer builds it, ``f̂ += φ_k(bicubic_up(C[r_k]))`` with the tokenizer's **frozen**
+    codebook ``C`` and ``φ`` convs (VAR's ``vae_quant_proxy``). The generator keeps a frozen
+    copy (:class:`~tokenizers_vis.quantizers.multiscale.MultiScaleVQ`, same class as the
+    tokenizer's), filled by :meth:`NextScaleAR.attach_tokenizer` -- ``train.generator`` calls
+    it with the tokenizer recorded in the token shards -- and saved in the checkpoint, so
+    sampling needs no tokenizer. ``"learned"`` (the option older arzoo checkpoints use): the
+    generator's own trainable ``E`` without ``φ``.
+    Head: VAR's ``Linear(C, V)`` **with bias**, weights ``trunc_normal(std)·0.02`` (``head_bias``,
+    ``init_head``); ``head_bias=False, init_head=None`` is the zoo's zero-initialised bias-free head.
+
+MVAR training chunks (``chunk_schedule``)
+    ``"cycle"`` (MVAR configs): MVAR's trainer runs a separate forward/backward/clip/step for
+    each chunk of each iteration, each chunk's loss the mean over its own tokens; here each
+    ``loss()`` call in training mode takes the next chunk in turn (one optimizer step per
+    chunk, so 3 steps = one reference iteration with the paper's chunks). ``"sum"``: all chunks
+    in one step (sum of CE / L), chunk by chunk under activation checkpointing.
+
+Deviations: non-square scales are accepted (windows are ``min(k, h) x min(k, w)``; the
+``"tokenizer"`` input needs square scales as the tokenizer has).
 """
 from __future__ import annotations
 
@@ -293,8 +307,13 @@ class NextScaleAR(Generator):
         init_adaln, init_adaln_gamma: VAR's init: adaLN scale/shift weights x0.5, gate weights
             x``init_adaln_gamma`` (1e-3 for d16/d20, 1e-4 d24, 1e-5 d30) -- near adaLN-zero.
         train_chunks: MVAR only: consecutive scale groups (e.g. ``[[0..7], [8], [9]]``) whose
-            losses are computed one at a time under activation checkpointing (see module doc).
+            losses are computed one at a time (see module doc).
+        chunk_schedule: ``"sum"`` or ``"cycle"`` (MVAR's one step per chunk; module doc).
         na_impl: ``"gather"`` (O(N k²) memory kernel) or ``"mask"`` (dense SDPA mask).
+        fhat: ``"tokenizer"`` (frozen codebook + φ of the tokenizer) or ``"learned"``.
+        phi, phi_kernel, codebook_l2_norm: the tokenizer's quantizer options (``fhat="tokenizer"``;
+            checked by :meth:`attach_tokenizer`).
+        head_bias, init_head: VAR's head (bias, weights x0.02) or the zoo's (False, None).
     """
 
     trunk = "transformer"
@@ -304,7 +323,9 @@ class NextScaleAR(Generator):
                  markov_kernel: int = 7, markov_scales: int | None = None, class_dropout: float = 0.1,
                  drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6, attn_l2_norm: bool = True,
                  init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, train_chunks: list | None = None,
-                 na_impl: str = "gather"):
+                 na_impl: str = "gather", chunk_schedule: str = "sum", fhat: str = "learned",
+                 phi: str = "shared4", phi_kernel: int = 3, codebook_l2_norm: bool = False,
+                 head_bias: bool = False, init_head: float | None = None):
         super().__init__()
         if isinstance(spec, dict):
             spec = TokenSpec.from_dict(spec)
@@ -347,10 +368,26 @@ class NextScaleAR(Generator):
             raise ValueError(f"na_impl must be 'gather' or 'mask', got {na_impl!r}")
         self.na_impl = na_impl
         self.chunks = self._check_chunks(train_chunks)
+        if chunk_schedule not in ("sum", "cycle"):
+            raise ValueError(f"chunk_schedule must be 'sum' or 'cycle', got {chunk_schedule!r}")
+        self.chunk_schedule, self._next_chunk = chunk_schedule, 0
+        if fhat not in ("tokenizer", "learned"):
+            raise ValueError(f"fhat must be 'tokenizer' or 'learned', got {fhat!r}")
+        self.fhat = fhat
 
         # embeddings (names after VAR)
         V = spec.vocab_size
-        self.code_embed = nn.Embedding(V, self.cvae)   # the generator's own E (see module doc)
+        if fhat == "learned":
+            self.code_embed = nn.Embedding(V, self.cvae)   # the generator's own E (see module doc)
+        else:
+            if any(h != w for h, w in self.scales):
+                raise ValueError(f"fhat='tokenizer' needs square scales (the multi-scale VQ's), got {self.scales}")
+            from tokenizers_vis.quantizers.multiscale import MultiScaleVQ
+            self.vq_proxy = MultiScaleVQ(V, self.cvae, scales=[h for h, _ in self.scales], phi=phi,
+                                         phi_kernel=phi_kernel, l2_norm=codebook_l2_norm)
+            self.vq_proxy.requires_grad_(False)
+            # set by attach_tokenizer; saved, so a checkpoint knows its f̂ is the tokenizer's
+            self.register_buffer("tokenizer_attached", torch.zeros((), dtype=torch.bool))
         self.word_embed = nn.Linear(self.cvae, dim)
         self.class_emb = ClassEmbedder(self.num_classes, dim, class_dropout)
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, dim))
@@ -358,8 +395,8 @@ class NextScaleAR(Generator):
         self.lvl_embed = nn.Embedding(self.num_scales, dim)
         self.transformer = VARTrunk(dim, depth, heads, mlp_ratio, norm_eps, attn_l2_norm, drop, drop_path)
         self.head_nm = AdaLNBeforeHead(dim, dim, norm_eps)
-        self.head = make_head(spec, dim)
-        self._init_weights(init_adaln, init_adaln_gamma)
+        self.head = make_head(spec, dim, bias=head_bias)
+        self._init_weights(init_adaln, init_adaln_gamma, init_head)
         self._index_cache: dict = {}
 
     def _check_chunks(self, chunks):
@@ -374,21 +411,29 @@ class NextScaleAR(Generator):
                              f"non-empty groups in order, got {chunks}")
         return tuple(tuple(int(s) for s in c) for c in chunks)
 
-    def _init_weights(self, init_adaln: float, init_adaln_gamma: float) -> None:
+    def _init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float | None) -> None:
         """VAR's ``init_weights``: trunc-normal(std = sqrt(1/(3C))) linears and embeddings, zero
         biases, residual projections / sqrt(2·depth), adaLN weights scaled (gates nearly 0)."""
         std = math.sqrt(1 / self.dim / 3)
+        frozen = set(self.vq_proxy.modules()) if self.fhat == "tokenizer" else set()
         for m in self.modules():
+            if m in frozen:  # the tokenizer's copy: attach_tokenizer fills it
+                continue
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=std)
-        nn.init.normal_(self.code_embed.weight, std=1.0)  # E plays the codebook: unit scale
+        if self.fhat == "learned":
+            nn.init.normal_(self.code_embed.weight, std=1.0)  # E plays the codebook: unit scale
         nn.init.trunc_normal_(self.pos_start, std=std)
         nn.init.trunc_normal_(self.pos_1LC, std=std)
-        nn.init.zeros_(self.head.proj.weight)  # zoo convention: uniform logits at init
+        with torch.no_grad():
+            if init_head is None:
+                nn.init.zeros_(self.head.proj.weight)  # zoo convention: uniform logits at init
+            else:
+                self.head.proj.weight.mul_(init_head)  # VAR: trunc_normal(std) * init_head
         C, depth = self.dim, self.transformer.depth
         with torch.no_grad():
             self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
@@ -399,9 +444,42 @@ class NextScaleAR(Generator):
                 b.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
 
     @torch.no_grad()
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Copy the tokenizer's codebook and φ convs into the frozen ``f̂`` builder
+        (``fhat="tokenizer"``); a tokenizer whose quantizer differs raises IncompatibleTokens
+        naming both. No-op check for ``fhat="learned"`` (nothing to copy)."""
+        from tokenizers_vis.quantizers.multiscale import MultiScaleVQ
+        from zoo.tokens import IncompatibleTokens
+
+        if self.fhat != "tokenizer":
+            return
+        who = f"{type(self).__name__}({self.mode}, fhat='tokenizer')"
+        q = getattr(tokenizer, "quantizer", None)
+        name = getattr(tokenizer, "registry_name", None) or type(tokenizer).__name__
+        mine = self.vq_proxy
+        if not isinstance(q, MultiScaleVQ):
+            raise IncompatibleTokens(f"{who} builds f̂ from a multi-scale VQ tokenizer's codebook and φ; "
+                                     f"{name} has no MultiScaleVQ quantizer")
+        got = (q.codebook_size, q.dim, q.scales, q.phi_mode, q.vq.l2_norm)
+        want = (mine.codebook_size, mine.dim, mine.scales, mine.phi_mode, mine.vq.l2_norm)
+        if got != want:
+            raise IncompatibleTokens(f"{who} expects (codebook, dim, scales, phi, l2_norm) = {want}; "
+                                     f"{name}'s quantizer has {got}")
+        state = {k: v.to(self.pos_1LC.dtype) if v.is_floating_point() else v for k, v in q.state_dict().items()}
+        mine.load_state_dict(state, strict=True)
+        self.tokenizer_attached.fill_(True)
+
+    def _require_attached(self) -> None:
+        if self.fhat == "tokenizer" and not bool(self.tokenizer_attached):
+            raise RuntimeError(f"{type(self).__name__}: fhat='tokenizer' but no tokenizer attached -- call "
+                               "attach_tokenizer(tokenizer) first (train.generator does it from the shards)")
+
+    @torch.no_grad()
     def load_codebook(self, weight: torch.Tensor) -> None:
         """Initialise the code embedding ``E`` from a tokenizer's ``(vocab, cvae)`` codebook
         (e.g. ``tokenizer.quantizer.vq.embedding.weight`` of ``tokenizer/msvq-*``)."""
+        if self.fhat != "learned":
+            raise ValueError("load_codebook is for fhat='learned'; use attach_tokenizer(tokenizer)")
         want = tuple(self.code_embed.weight.shape)
         if tuple(weight.shape) != want:
             raise ValueError(f"codebook must be (vocab_size, cvae) = {want}, got {tuple(weight.shape)}")
@@ -462,8 +540,11 @@ class NextScaleAR(Generator):
         return AttnPlan("scales", segments=segs, dense=dense or self.na_impl == "mask")
 
     # ---- inputs ----------------------------------------------------------------------------
-    def _accumulate(self, fhat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``f̂ + bicubic_up(E[ids])`` at the last scale's size (VAR Algorithm 2, without φ)."""
+    def _accumulate(self, fhat: torch.Tensor, ids: torch.Tensor, s: int) -> torch.Tensor:
+        """``f̂`` plus scale ``s``'s contribution at the last scale's size (VAR Algorithm 2):
+        the tokenizer's ``φ_s(bicubic_up(C[ids]))``, or ``bicubic_up(E[ids])`` (``fhat="learned"``)."""
+        if self.fhat == "tokenizer":
+            return fhat + self.vq_proxy.scale_contribution(s, ids.long()).float()
         e = self.code_embed(ids.long()).permute(0, 3, 1, 2).float()
         if tuple(e.shape[-2:]) != self.final:
             e = F.interpolate(e, size=self.final, mode="bicubic")
@@ -481,7 +562,7 @@ class NextScaleAR(Generator):
         fhat = cvec.new_zeros(B, self.cvae, *self.final, dtype=torch.float32)
         raw = []
         for s in range(self.num_scales - 1):
-            fhat = self._accumulate(fhat, ids[s])
+            fhat = self._accumulate(fhat, ids[s], s)
             raw.append(self._downsample(fhat, s + 1))
         x = self._sos(cvec)
         if raw:
@@ -526,6 +607,8 @@ class NextScaleAR(Generator):
 
     def loss(self, tokens: Tokens, cond: Condition | None) -> dict:
         """Cross-entropy over all ``L`` tokens (mean, VAR's 1/L weights) -> ``{"loss", "acc"}``."""
+        if self.training:  # training on an unattached (random) f̂ builder is always a mistake
+            self._require_attached()
         ids = self._ids(tokens)
         B = ids[0].shape[0]
         tgt = torch.cat([t.flatten(1) for t in ids], 1)
@@ -533,6 +616,12 @@ class NextScaleAR(Generator):
         x = self._inputs(ids, cvec)
         if self.chunks is None or not torch.is_grad_enabled():
             return self.head.loss_from_logits(self._run(x, cvec, range(self.num_scales)), tgt)
+        if self.chunk_schedule == "cycle" and self.training:
+            chunk = self.chunks[self._next_chunk % len(self.chunks)]
+            self._next_chunk += 1
+            a, b = self.offsets[chunk[0]], self.offsets[chunk[-1] + 1]
+            out = self.head.loss_from_logits(self._run(x[:, a:b], cvec, chunk), tgt[:, a:b])
+            return {**out, "chunk": torch.tensor(float(chunk[0]))}
         total, correct = 0.0, 0
         for chunk in self.chunks:
             a, b = self.offsets[chunk[0]], self.offsets[chunk[-1] + 1]
@@ -612,7 +701,7 @@ class NextScaleAR(Generator):
                 ids = ids.view(B, h, w)
             out.append(ids)
             if s + 1 < S:
-                fhat = self._accumulate(fhat, ids)
+                fhat = self._accumulate(fhat, ids, s)
                 x = self.word_embed(self._downsample(fhat, s + 1).to(x.dtype))
                 x = x + lvl_pos[:, offs[s + 1]:offs[s + 2]]
                 if use_cfg:
@@ -627,10 +716,11 @@ class NextScaleAR(Generator):
 # load_codebook can take its codebook). depth 6 x 128 (4 heads of 32): ~2.0M parameters.
 TINY_SPEC = TokenSpec("discrete", "pyramid", [(p, p) for p in (1, 2, 3, 4, 6, 8)], vocab_size=1024)
 TINY = {"spec": TINY_SPEC, "num_classes": 30, "depth": 6, "dim": 128, "heads": 4, "cvae": 16,
-        "class_dropout": 0.1, "init_adaln_gamma": 1e-3}
+        "class_dropout": 0.1, "init_adaln_gamma": 1e-3, "fhat": "tokenizer", "head_bias": True, "init_head": 0.02}
 # MVAR on the tiny pyramid: 3x3 neighbourhoods on the last two scales (6x6, 8x8); chunks as
 # MVAR's trainer (all but the spatial scales together, then each spatial scale alone).
-TINY_MVAR = {"mode": "mvar", "markov_kernel": 3, "markov_scales": 2, "train_chunks": [[0, 1, 2, 3], [4], [5]]}
+TINY_MVAR = {"mode": "mvar", "markov_kernel": 3, "markov_scales": 2, "train_chunks": [[0, 1, 2, 3], [4], [5]],
+             "chunk_schedule": "cycle"}
 
 VAR_SPEC = TokenSpec("discrete", "pyramid", [(p, p) for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)],
                      vocab_size=4096)  # VAR's VQVAE at 256 px: 680 tokens
@@ -639,11 +729,11 @@ VAR_SPEC = TokenSpec("discrete", "pyramid", [(p, p) for p in (1, 2, 3, 4, 5, 6, 
 def _paper(depth: int, gamma: float, **kw) -> dict:
     # VAR's build_vae_var: width 64d, d heads, drop_path 0.1·d/24, 1000 classes, Cvae 32
     return {"spec": VAR_SPEC, "num_classes": 1000, "depth": depth, "cvae": 32, "drop_path": 0.1 * depth / 24,
-            "init_adaln_gamma": gamma, **kw}
+            "init_adaln_gamma": gamma, "fhat": "tokenizer", "head_bias": True, "init_head": 0.02, **kw}
 
 
 _PAPER_MVAR = {"mode": "mvar", "markov_kernel": 7, "markov_scales": 2,
-               "train_chunks": [list(range(8)), [8], [9]]}
+               "train_chunks": [list(range(8)), [8], [9]], "chunk_schedule": "cycle"}
 
 
 @register("generator/var-tiny", paper=PAPER_VAR, weights={"shapes": "weights/generator-var-tiny"},

@@ -42,14 +42,17 @@ Training: Noisy Context Learning (§3.3; reference ``xAR.forward``)
     output at the positions of entity k is **entity k's own velocity** ``ε_k − x_k``
     (inputs and targets are aligned, not shifted: entity k is predicted from its own noisy
     version and the noisy entities before it). Clean context is never fed in training.
-    Loss: MSE over every token.
+    Loss: MSE over every token. Option (``clean_context_prob`` > 0, off by default = the
+    reference): each (sample, entity) is fed clean (t = 0) with that probability and left out
+    of the loss -- a clean entity's own velocity ``ε − x`` is unpredictable -- so the model
+    also sees the clean context that sampling feeds.
 
 Sampling (reference ``sample_tokens`` / ``euler_maruyama_sampler``)
     For k = 0 … K−1 integrate entity k from noise (t = 1) to t = 0 with ``num_steps``
     velocity evaluations (Euler ODE or Euler–Maruyama SDE, :mod:`generators.flow`). The
     first evaluation of entity k also feeds the finished entity k−1 as **clean context
-    (t = 0 embedding)** -- for k = 0 the condition prefix -- which writes it into the static
-    KV cache once; later evaluations feed only entity k's tokens (their cache slots are
+    (t = 0 embedding in the reference; ``context_t`` here)** -- for k = 0 the condition
+    prefix -- which writes it into the static KV cache once; later evaluations feed only entity k's tokens (their cache slots are
     rewritten each step). NFE = K·num_steps. CFG doubles the batch with the null
     condition; the scale of entity k is ``SamplingConfig.cfg_at(k, K)``, so
     ``cfg_schedule="linear"`` is xAR's ramp from 1 (entity 0 unguided) to ``cfg`` (last
@@ -65,6 +68,13 @@ SwiGLU (the zoo's shared blocks); continuous ``1000·t`` in the time embedding (
 reference truncates to an integer); a class/caption prefix in the sequence (the reference
 has class adaLN only); the Euler–Maruyama sampler's final step (see
 :func:`generators.flow.euler_maruyama_sample`).
+
+Documented option that changes outputs: ``context_t`` (sampling; ``SamplingConfig.extra``
+key of the same name). The reference embeds the finished clean context at t = 0, a time
+NCL training almost never shows (logit-normal t has ~0 mass near 0), so a trunk trained only
+on noisy context reads its own clean samples out of distribution. ``context_t`` embeds the
+clean context at a small time instead; ``context_t=0`` is the reference. The tiny config's
+default comes from a sweep on Shapes (checkpoints.md, issue 16); the paper configs keep 0.
 """
 from __future__ import annotations
 
@@ -240,9 +250,11 @@ class XAR(Generator):
             and caption for CFG, each dropped with ``class_dropout`` in training).
         dim, depth, heads, ffn_multiple, qkv_bias, dropout, attn_dropout: the trunk.
         t_mean, t_std: logit-normal training times (xAR: 0, 1).
-        num_steps, sampler, t_stop, time_shift: default sampling (each may be overridden by
-            ``SamplingConfig.extra`` keys of the same name); ``t_stop=None`` = the sampler's
-            default (0.04 for ``euler_maruyama``, 0 for ``euler``).
+        num_steps, sampler, t_stop, time_shift, context_t: default sampling (each may be
+            overridden by ``SamplingConfig.extra`` keys of the same name); ``t_stop=None`` = the
+            sampler's default (0.04 for ``euler_maruyama``, 0 for ``euler``); ``context_t``: the
+            time embedded with the finished clean context (0 = reference, see above).
+        clean_context_prob: training probability of a clean, loss-free entity (0 = reference).
     """
 
     trunk = "transformer"
@@ -252,7 +264,8 @@ class XAR(Generator):
                  dim: int = 256, depth: int = 6, heads: int = 4, ffn_multiple: int = 256, qkv_bias: bool = True,
                  dropout: float = 0.0, attn_dropout: float = 0.0, class_dropout: float = 0.1, text_depth: int = 2,
                  t_mean: float = 0.0, t_std: float = 1.0, num_steps: int = 20, sampler: str = "euler_maruyama",
-                 t_stop: float | None = None, time_shift: float = 1.0):
+                 t_stop: float | None = None, time_shift: float = 1.0, context_t: float = 0.0,
+                 clean_context_prob: float = 0.0):
         super().__init__()
         if isinstance(spec, dict):
             spec = TokenSpec.from_dict(spec)
@@ -268,6 +281,9 @@ class XAR(Generator):
             raise ValueError(f"sampler must be one of {sorted(flow.SAMPLERS)}, got {sampler!r}")
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not 0.0 <= context_t < 1.0 or not 0.0 <= clean_context_prob < 1.0:
+            raise ValueError(f"context_t and clean_context_prob must be in [0, 1), got {context_t}, {clean_context_prob}")
+        self.context_t, self.clean_context_prob = float(context_t), float(clean_context_prob)
         self.spec = spec
         with torch.device("cpu"):  # index tables stay on the CPU (also under a meta-device build)
             self.layout = EntityLayout(spec.shape, entity, entity_size, scales)
@@ -362,10 +378,20 @@ class XAR(Generator):
         x = self.layout.clusterify(grid)
         B = x.shape[0]
         t = self.sample_times(B) if t is None else t.to(dev, x.dtype)
+        keep = None
+        if self.training and self.clean_context_prob > 0:
+            clean = torch.rand(t.shape, device=dev) < self.clean_context_prob
+            t = t.masked_fill(clean, 0.0)
+            keep = (~clean)[:, self.layout.entity_ids.to(dev)]  # (B, L): tokens that carry a loss
         noise = torch.randn_like(x) if noise is None else noise.to(dev, x.dtype)
         x_t = flow.interpolate(x, noise, t[:, self.layout.entity_ids.to(dev)])
         v = self.velocity(x_t, t, cond)
-        loss = (v.float() - flow.velocity_target(x, noise).float()).pow(2).mean()
+        err = (v.float() - flow.velocity_target(x, noise).float()).pow(2)
+        if keep is None:
+            loss = err.mean()
+        else:
+            w = keep[..., None].float().expand_as(err)
+            loss = (err * w).sum() / w.sum().clamp_min(1.0)
         return {"loss": loss, "t": t.detach()}
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -376,13 +402,17 @@ class XAR(Generator):
 
     def sampling_options(self, sampling: SamplingConfig) -> dict:
         ex = sampling.extra or {}
-        unknown = set(ex) - {"num_steps", "sampler", "t_stop", "time_shift"}
+        keys = ("num_steps", "sampler", "t_stop", "time_shift", "context_t")
+        unknown = set(ex) - set(keys)
         if unknown:
-            raise ValueError(f"XAR sampling extra takes num_steps, sampler, t_stop, time_shift; got {sorted(unknown)}")
+            raise ValueError(f"XAR sampling extra takes {', '.join(keys)}; got {sorted(unknown)}")
         opts = {"num_steps": int(ex.get("num_steps", self.num_steps)), "sampler": ex.get("sampler", self.sampler),
-                    "t_stop": ex.get("t_stop", self.t_stop), "shift": float(ex.get("time_shift", self.time_shift))}
+                "t_stop": ex.get("t_stop", self.t_stop), "shift": float(ex.get("time_shift", self.time_shift)),
+                "context_t": float(ex.get("context_t", self.context_t))}
         if opts["sampler"] not in flow.SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(flow.SAMPLERS)}, got {opts['sampler']!r}")
+        if not 0.0 <= opts["context_t"] < 1.0:  # also rejects NaN
+            raise ValueError(f"context_t must be in [0, 1), got {opts['context_t']}")
         return opts
 
     def nfe(self, sampling: SamplingConfig | None = None) -> int:
@@ -409,7 +439,7 @@ class XAR(Generator):
                                cfg=scales[k], temperature=sampling.temperature, t_stop=opts["t_stop"],
                                shift=opts["shift"], generator=generator)
 
-        seq = self._entity_loop(cond, B, use_cfg, solve)
+        seq = self._entity_loop(cond, B, use_cfg, solve, context_t=opts["context_t"])
         return Tokens(self.layout.unclusterify(seq).float(), self.spec)
 
     @torch.no_grad()
@@ -433,12 +463,13 @@ class XAR(Generator):
         self._entity_loop(cond, B, False, teach)
         return out
 
-    def _entity_loop(self, cond, B: int, use_cfg: bool, solve) -> torch.Tensor:
+    def _entity_loop(self, cond, B: int, use_cfg: bool, solve, context_t: float = 0.0) -> torch.Tensor:
         """Run ``solve(k, vel) -> clean entity k`` for every entity with a KV cache; returns (B, L, D).
 
         ``vel(x, t, i)`` evaluates the trunk on entity k's state ``x`` (B, T_k, D) at time ``t``
         (float or (B,)); call ``i = 0`` first (it also feeds the context chunk). With
-        ``use_cfg`` it returns ``(v_cond, v_uncond)`` from one doubled-batch forward.
+        ``use_cfg`` it returns ``(v_cond, v_uncond)`` from one doubled-batch forward. Finished
+        entities enter as context with the ``context_t`` time embedding (the prefix at t = 0).
         """
         was_training = self.training
         self.eval()
@@ -451,6 +482,7 @@ class XAR(Generator):
             Bx, P = prefix.shape[0], self.prefix_len
             pos, mask = self.positions(dev), self.attention_mask(dev)
             t0 = self.time_embed(torch.zeros(1, 1, device=dev))
+            tc = self.time_embed(torch.full((1, 1), float(context_t), device=dev))
             self.transformer.setup_cache(Bx, self.seq_len)
             ctx = (prefix, (cvec + t0).expand(-1, P, -1), torch.arange(P, device=dev))  # inputs, adaLN cond, slots
             done = []
@@ -476,7 +508,7 @@ class XAR(Generator):
                 xk = solve(k, vel)
                 done.append(xk)
                 xc = torch.cat((xk, xk)) if use_cfg else xk
-                ctx = (self._embed(xc, sl), (cvec + t0).expand(-1, xk.shape[1], -1), slots)
+                ctx = (self._embed(xc, sl), (cvec + tc).expand(-1, xk.shape[1], -1), slots)
             return torch.cat(done, 1)
         finally:
             self.transformer.clear_cache()
@@ -490,7 +522,7 @@ class XAR(Generator):
 TINY = {"spec": TokenSpec("continuous", "grid", (8, 8), dim=8), "entity": "cell", "entity_size": 2,
         "num_classes": 30, "text_vocab_size": 64, "text_len": 16, "dim": 128, "depth": 6, "heads": 4,
         "ffn_multiple": 64, "dropout": 0.0, "attn_dropout": 0.0, "class_dropout": 0.1, "text_depth": 1,
-        "num_steps": 20, "sampler": "euler_maruyama"}
+        "num_steps": 20, "sampler": "euler_maruyama", "context_t": 0.05}
 
 # Paper scale: MAR's KL-16 latent (16×16×16), 8×8 cells (4 entities), 1000 classes; enc+dec
 # depth as one stack; SwiGLU hidden int(8·dim/3) as timm's SwiGLU in the reference

@@ -112,15 +112,29 @@ def test_lfq_ste_gradient_is_identity():
     assert torch.allclose(z.grad, g)
 
 
-def test_bsq_ste_gradient_is_identity_wrt_u():
-    q = BinaryQuantizer(16, mode="bsq", entropy_weight=0.0)
-    z = _z(2, 16, 3, 3).requires_grad_(True)
-    g = _z(2, 16, 3, 3, seed=5)
+def test_bsq_ste_gradient_is_scaled_identity_wrt_u():
+    # bsq-vit: zq = (u + sg[sign(u) - u]) / sqrt(K), so d zq / d u = 1/sqrt(K) (not 1)
+    K = 16
+    q = BinaryQuantizer(K, mode="bsq", entropy_weight=0.0)
+    z = _z(2, K, 3, 3).requires_grad_(True)
+    g = _z(2, K, 3, 3, seed=5)
     z_q, _, _ = q(z)
     (z_q * g).sum().backward()
     z2 = z.detach().clone().requires_grad_(True)
-    (F.normalize(z2, dim=1) * g).sum().backward()
+    (F.normalize(z2, dim=1) * g / math.sqrt(K)).sum().backward()
     assert torch.allclose(z.grad, z2.grad, atol=1e-6)
+    assert torch.allclose(z_q.detach().abs(), torch.full_like(z_q, 1 / math.sqrt(K)))
+
+
+def test_entropy_only_computed_in_training():
+    q = BinaryQuantizer(16, group_size=8, entropy_weight=0.1)
+    z = _z(2, 16, 3, 3) * 0.01
+    assert q(z)[2]["sample_entropy"] > 0  # training mode: computed
+    q.eval()
+    assert q(z)[2]["sample_entropy"] == 0 and q(z)[2]["entropy"] == 0
+    q.train()
+    with torch.no_grad():
+        assert q(z)[2]["codebook_entropy"] == 0
 
 
 def test_commit_loss_value():

@@ -55,10 +55,12 @@ class BinaryQuantizer(nn.Module):
     ``forward(z)`` returns ``(z_q, bits, losses)``:
 
     - ``z_q`` (B, K, h, w): the code values with a straight-through gradient (identity w.r.t.
-      ``z`` for LFQ, w.r.t. ``u = z / ||z||`` for BSQ);
+      ``z`` for LFQ; ``1/sqrt(K)`` times identity w.r.t. ``u = z / ||z||`` for BSQ, as the
+      reference scales the straight-through code);
     - ``bits`` (B, h, w, K) uint8 in {0, 1}, ``bit = q > 0`` (``sign(0) = +1``);
     - ``losses``: ``loss`` = ``commit + entropy`` (both already weighted) and the detached
-      metrics ``sample_entropy``, ``codebook_entropy`` (in nats, summed over groups) and
+      metrics ``sample_entropy``, ``codebook_entropy`` (in nats, summed over groups; computed in
+      training only -- 0 in eval mode or under ``no_grad``) and
       ``bit_usage`` = mean over bits of ``2 * min(p1, 1 - p1)`` where p1 is the fraction of tokens
       in the batch with that bit set: 1 when every bit is balanced, 0 when every bit is constant.
     """
@@ -121,7 +123,9 @@ class BinaryQuantizer(nn.Module):
         pos = z >= 0  # sign(0) = +1 so every token has a code
         q = torch.where(pos, self.scale, -self.scale).to(z.dtype)
         commit = self.commit_weight * F.mse_loss(z, q.detach())
-        if self.entropy_weight > 0:
+        # The entropy terms tabulate 2^group_size codes per group and token (2 MiB per token at
+        # g = 16): only training needs them, so encode / eval skip them.
+        if self.entropy_weight > 0 and self.training and torch.is_grad_enabled():
             sample_h, codebook_h = self.entropies(z)
             ent = self.entropy_weight * (sample_h - self.diversity_gamma * codebook_h)
         else:
@@ -130,9 +134,11 @@ class BinaryQuantizer(nn.Module):
         with torch.no_grad():
             p1 = bits.reshape(-1, self.bits).float().mean(0)
             bit_usage = (2 * torch.minimum(p1, 1 - p1)).mean()
-        # straight-through estimator: forward value q, gradient identity w.r.t. z (or u). Written
-        # q + (z - sg[z]) rather than z + sg[q - z] so the forward value is exactly q (no rounding)
-        z_q = q + (z - z.detach())
+        # straight-through estimator: forward value q. LFQ: gradient identity w.r.t. z. BSQ: the
+        # reference (bsq-vit) straight-throughs sign(u) and then multiplies by 1/sqrt(K), so the
+        # gradient w.r.t. u is scaled by 1/sqrt(K) too. Written q + s·(z - sg[z]) rather than
+        # z + sg[q - z] so the forward value is exactly q (no rounding).
+        z_q = q + self.scale * (z - z.detach())
         losses = {"loss": commit + ent, "commit": commit, "entropy": ent,
                   "sample_entropy": sample_h.detach(), "codebook_entropy": codebook_h.detach(),
                   "bit_usage": bit_usage}

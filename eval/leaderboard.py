@@ -1,0 +1,177 @@
+"""One table for every shipped generator: Shapes class accuracy and Shapes-FID side by side.
+
+::
+
+    python -m eval.leaderboard --out runs/leaderboard --write checkpoints.md
+    python -m eval.leaderboard --only nar-tiny,raster-ar-tiny --num 256     # quick look
+
+Each row samples ``--num`` class-balanced images (seed 0, the row's stated sampling config)
+with :class:`zoo.pipeline.Pipeline`, then scores the *same* images twice: Shapes class
+accuracy (:func:`eval.shapes_acc.score`: the detector parses exactly the requested object) and
+Shapes-FID against the statistics of ``shapes:train:5000`` (the Shapes feature network,
+:mod:`eval.fid`; built once into ``--ref`` if missing). Every row is cached as
+``OUT/<row>.json`` keyed by its settings and the weights' sha256, so an interrupted run
+resumes where it stopped and a retrained checkpoint is re-measured. ``--write FILE``
+replaces the table between the ``<!-- leaderboard:start -->`` / ``<!-- leaderboard:end -->``
+markers of FILE (checkpoints.md), with the command that made it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+START, END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    generator: str  # registry name:tag
+    tokenizer: str
+    cfg: float = 2.0
+    cfg_schedule: str = "constant"
+    extra: dict = field(default_factory=dict)
+    bar: float | None = None  # the issue's class-accuracy bar
+
+    @property
+    def key(self) -> str:
+        return self.generator.split("/")[-1].replace(":", "-")
+
+
+# The shipped generators with the tokenizer each was trained on, and the sampling each is
+# measured with (constant cfg 2.0 unless stated; temperature 1, no top-k/top-p).
+ROWS = (
+    Row("generator/raster-ar-tiny:shapes", "tokenizer/vq-tiny:shapes"),
+    Row("generator/nar-tiny:shapes", "tokenizer/vq-tiny:shapes", bar=0.90),
+    Row("generator/var-tiny:shapes", "tokenizer/msvq-tiny:shapes", bar=0.80),
+    Row("generator/mvar-tiny:shapes", "tokenizer/msvq-tiny:shapes", bar=0.80),
+    Row("generator/xar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75),
+    Row("generator/mar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75),
+    Row("generator/himar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75),
+)
+
+
+def _weights_id(source: str) -> str:
+    """sha256 prefix of a row's weights (``name:tag`` or a checkpoint folder): the cache key."""
+    from eval.fid_job import sha256_file
+    from zoo.registry import resolve_weights
+
+    name, sep, tag = source.partition(":")
+    path = resolve_weights(name, tag) if sep else Path(source)
+    return sha256_file(Path(path) / "model.safetensors")[:16]
+
+
+def ensure_ref(path: Path, num: int = 5000) -> Path:
+    """Shapes-net statistics of ``shapes:train:NUM`` (computed once)."""
+    from eval.fid import compute_metrics
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        compute_metrics(f"shapes:train:{num}", None, save_stats_path=path, kid=False, prc=False, isc=False)
+    return path
+
+
+def measure(row: Row, *, num: int, ref: Path, seed: int, batch_size: int) -> dict:
+    from eval.fid import compute_metrics
+    from eval.shapes_acc import _evenly, colour_accuracy, score
+    from generators.base import SamplingConfig
+    from zoo.data.shapes import NUM_CLASSES
+    from zoo.pipeline import Pipeline
+
+    pipe = Pipeline.load(row.tokenizer, row.generator)
+    gen = pipe.generator
+    sampling = SamplingConfig(cfg=row.cfg, cfg_schedule=row.cfg_schedule, extra=dict(row.extra))
+    wanted = _evenly(num, NUM_CLASSES)
+    t0 = time.perf_counter()
+    imgs = np.asarray(pipe.generate(classes=wanted, sampling=sampling, seed=seed, batch_size=batch_size))
+    secs = time.perf_counter() - t0
+    acc, got = score(imgs, wanted)
+    report = compute_metrics(imgs, str(ref), kid=False, prc=False, isc=False)
+    nfe = gen.nfe(sampling) if hasattr(gen, "nfe") else None
+    return {"class_accuracy": acc, "none_or_many": float(np.mean([g == -1 for g in got])),
+            "colour_accuracy": colour_accuracy(imgs, wanted), "shapes_fid": report["metrics"]["shapes_fid"],
+            "num": num, "seed": seed, "img_per_s": num / secs, "forward_steps": nfe,
+            "params": sum(p.numel() for p in gen.parameters())}
+
+
+def table(rows, results: dict, num: int) -> str:
+    head = ("| generator | tokenizer | sampling | params | class acc. | bar | right colour | none/many "
+            f"| Shapes-FID (N={num}) | img/s |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        m = results.get(r.key)
+        samp = f"cfg {r.cfg:g}" + (f" {r.cfg_schedule}" if r.cfg_schedule != "constant" else "") + \
+            "".join(f", {k}={v}" for k, v in r.extra.items())
+        if m is None:
+            lines.append(f"| `{r.generator}` | `{r.tokenizer}` | {samp} | | not measured | | | | | |")
+            continue
+        bar = "" if r.bar is None else (f"≥ {r.bar:.0%} " + ("met" if m["class_accuracy"] >= r.bar else "**not met**"))
+        lines.append(f"| `{r.generator}` | `{r.tokenizer}` | {samp} | {m['params'] / 1e6:.2f}M | "
+                     f"**{m['class_accuracy']:.1%}** | {bar} | {m['colour_accuracy']:.1%} | {m['none_or_many']:.1%} | "
+                     f"{m['shapes_fid']:.2f} | {m['img_per_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    doc = path.read_text()
+    if START not in doc or END not in doc:
+        raise ValueError(f"{path}: no {START} ... {END} markers to replace")
+    a, b = doc.index(START) + len(START), doc.index(END)
+    path.write_text(doc[:a] + "\n" + text + "\n" + doc[b:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.leaderboard", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/leaderboard", help="per-row result cache (resumable)")
+    p.add_argument("--only", default="", help="comma-separated row keys or generator names (default: all)")
+    p.add_argument("--num", type=int, default=2000, help="samples per row (accuracy and FID on the same images)")
+    p.add_argument("--ref", default="refs/shapes64-train5k.npz", help="Shapes-net statistics (made if missing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--write", metavar="FILE", help="replace the table between the leaderboard markers of FILE")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.num < 30:
+        raise SystemExit(f"--num must be >= 30 (one sample per Shapes class at least), got {a.num}")
+    only = {s.strip() for s in a.only.split(",") if s.strip()}
+    rows = [r for r in ROWS if not only or r.key in only or r.generator.split(":")[0].split("/")[-1] in only]
+    if not rows:
+        raise SystemExit(f"--only {a.only!r} matches no row; rows: {', '.join(r.key for r in ROWS)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = ensure_ref(Path(a.ref))
+    results = {}
+    for r in rows:
+        ident = {"row": asdict(r), "num": a.num, "seed": a.seed, "batch_size": a.batch_size,
+                 "weights": _weights_id(r.generator), "tokenizer_weights": _weights_id(r.tokenizer)}
+        cache = out / f"{r.key}.json"
+        if cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved.get("ident") == ident:
+                results[r.key] = saved["metrics"]
+                continue
+        torch.manual_seed(0)
+        print(f"[leaderboard] {r.generator}: sampling {a.num} images", file=sys.stderr, flush=True)
+        results[r.key] = measure(r, num=a.num, ref=ref, seed=a.seed, batch_size=a.batch_size)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"ident": ident, "metrics": results[r.key]}, indent=2))
+        tmp.replace(cache)
+    text = table(rows, results, a.num)
+    print(text)
+    if a.write:
+        cmd = "python -m eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_between_markers(Path(a.write), f"```bash\n{cmd}\n```\n\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
