@@ -210,28 +210,42 @@ def _check_plain_weights(path: Path) -> None:
         raise ValueError(f"{path}: does not look like torch-fidelity's Inception-v3 weights (no 'fc.weight')")
 
 
+def check_features(features: str = "shapes-net", *, inception_weights=None, shapes_weights=None) -> str:
+    """The weights file of feature network ``features``, checked without building the network
+    (jobs call this before sampling); raises a one-line error naming what is missing."""
+    if features not in FEATURES:
+        raise ValueError(f"--features: expected one of {sorted(FEATURES)}, got {features!r}")
+    if features == "inception":
+        weights = inception_weights_path(inception_weights)
+        _check_plain_weights(weights)
+        return str(weights)
+    from eval.features import NAME, WEIGHTS_TAG
+    from zoo.checkpoint import WEIGHTS_NAME
+    from zoo.registry import resolve_weights
+
+    weights = Path(shapes_weights or resolve_weights(NAME, WEIGHTS_TAG)) / WEIGHTS_NAME
+    if not weights.is_file():
+        where = f"--shapes-weights {shapes_weights}" if shapes_weights else f"{NAME}:{WEIGHTS_TAG}"
+        raise FileNotFoundError(f"{where}: no {weights} (expected a ShapesNet checkpoint folder)")
+    return str(weights)
+
+
 def make_extractor(features: str = "shapes-net", *, inception_weights=None, shapes_weights=None, device=None,
                    isc: bool = True):
     """A torch-fidelity feature extractor and ``(layer, is_layer_or_None)`` for ``features``."""
     from torch_fidelity.utils import create_feature_extractor
 
-    if features not in FEATURES:
-        raise ValueError(f"--features: expected one of {sorted(FEATURES)}, got {features!r}")
+    weights = check_features(features, inception_weights=inception_weights, shapes_weights=shapes_weights)
     layer, is_layer, _, _ = _LAYERS[features]
     cuda = _use_cuda(device)
     if features == "inception":
-        weights = inception_weights_path(inception_weights)
-        _check_plain_weights(weights)
         layers = [layer] + ([is_layer] if isc else [])
-        fe = create_feature_extractor(INCEPTION, layers, cuda=cuda, feature_extractor_weights_path=str(weights),
+        fe = create_feature_extractor(INCEPTION, layers, cuda=cuda, feature_extractor_weights_path=weights,
                                       verbose=False)
-        return fe, layer, (is_layer if isc else None), str(weights)
+        return fe, layer, (is_layer if isc else None), weights
     fe = create_feature_extractor(FIDELITY_NAME, [layer], cuda=cuda, verbose=False,
                                   feature_extractor_weights_path=shapes_weights)
-    from eval.features import NAME, WEIGHTS_TAG
-    from zoo.registry import resolve_weights
-
-    return fe, layer, None, str(Path(shapes_weights or resolve_weights(NAME, WEIGHTS_TAG)) / "model.safetensors")
+    return fe, layer, None, weights
 
 
 def _use_cuda(device) -> bool:

@@ -11,9 +11,11 @@ Samples ``--num`` images class-balanced (sample ``i`` has class ``i mod num_clas
 every prefix of the job, every shard included, is balanced to within one image per class),
 in shards of ``--shard-size`` written to ``OUT/shards/shard_XXXXX.npz`` (``arr_0`` uint8 NHWC,
 ``arr_1`` class ids), each written to a temporary name and renamed, so a shard file is either
-complete or absent. Then packs ``OUT/samples.npz`` (ADM layout: ``arr_0``, ``arr_1``) and
-computes FID / KID / precision-recall (+ IS with Inception) against ``--ref`` with
-``eval.fid``; ``OUT/report.json`` holds every setting and the metrics.
+complete or absent; a shard damaged afterwards (truncated copy, full disk) is found at resume
+and made again. The feature network's weights and ``--ref`` are checked before sampling. Then
+packs ``OUT/samples.npz`` (ADM layout: ``arr_0``, ``arr_1``) and computes FID / KID /
+precision-recall (+ IS with Inception) against ``--ref`` with ``eval.fid``; ``OUT/report.json``
+holds every setting, whether each model had trained weights (``pretrained``) and the metrics.
 
 Resume and determinism
     ``generate`` takes one ``torch.Generator`` per call, so randomness is per *batch*, not per
@@ -65,20 +67,10 @@ def weights_info(source, model) -> dict:
     from zoo.pipeline import model_name
 
     info = {"source": str(source), "model": model_name(model)}
-    folder = None
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        folder = Path(source)
-    elif isinstance(source, str) and ":" in source:
-        from zoo.registry import resolve_weights
-
-        name, _, tag = source.partition(":")
-        from tokenizers_vis.base import Tokenizer
-
-        kind = "tokenizer" if isinstance(model, Tokenizer) else "generator"
-        folder = resolve_weights(name if "/" in name else f"{kind}/{name}", tag)
-    if folder is not None and (folder / WEIGHTS_NAME).is_file():
-        info["weights"] = str(folder / WEIGHTS_NAME)
-        info["sha256"] = sha256_file(folder / WEIGHTS_NAME)
+    folder = getattr(model, "pretrained_source", None)  # set by zoo.pipeline.load_model; None: random init
+    if folder is not None and (Path(folder) / WEIGHTS_NAME).is_file():
+        info["weights"] = str(Path(folder) / WEIGHTS_NAME)
+        info["sha256"] = sha256_file(Path(folder) / WEIGHTS_NAME)
     else:
         info["weights"] = "random init (zoo.pipeline init_seed)"
         info["sha256"] = None
@@ -121,8 +113,12 @@ def pack_shards(shards: list, labels: np.ndarray, path: Path) -> tuple:
             np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(first.dtype),
                                                      "fortran_order": False, "shape": shape})
             for p in shards:
-                with np.load(p) as z:
-                    f.write(np.ascontiguousarray(z["arr_0"]).tobytes())
+                try:  # reading a member to its end checks its CRC
+                    with np.load(p) as z:
+                        f.write(np.ascontiguousarray(z["arr_0"]).tobytes())
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+                    raise ValueError(f"{p}: damaged shard ({type(e).__name__}: {e}); delete it and rerun the same "
+                                     f"command to make it again") from None
         with zf.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
     os.replace(tmp, path)
@@ -134,13 +130,20 @@ def shard_ranges(num: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def _shard_ok(path: Path, labels: np.ndarray) -> bool:
+    """Whether ``path`` is a complete shard of ``labels``; a damaged one is reported (and then
+    made again by the caller)."""
+    import warnings
+    import zipfile
+
     from eval.fid import npz_array
 
     if not path.is_file():
         return False
     try:  # header and labels only: shards of 256^2 images are large
+        # the memory map of arr_0 fails when the file is shorter than its header says
         return npz_array(path, "arr_0").shape[0] == len(labels) and np.array_equal(npz_array(path, "arr_1"), labels)
-    except (OSError, ValueError, KeyError, EOFError):  # unreadable or incomplete: regenerate it
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
+        warnings.warn(f"{path}: damaged shard ({type(e).__name__}: {e}); making it again", stacklevel=2)
         return False
 
 
@@ -214,6 +217,15 @@ def run(args) -> dict:
     if args.shard_size % args.batch_size:
         raise ValueError(f"--shard-size {args.shard_size} must be a multiple of --batch-size {args.batch_size} "
                          f"(shards are whole batches; that is what makes resuming exact)")
+    measure = bool(args.ref) and args.ref.lower() != "none"
+    if measure:  # before sampling: a missing weights file or reference should not cost a sampling run
+        from eval.fid import check_features, is_stats_file, open_images, parse_shapes
+
+        check_features(args.features, inception_weights=args.inception_weights, shapes_weights=args.shapes_weights)
+        if args.ref.startswith("shapes:"):
+            parse_shapes(args.ref)
+        elif not is_stats_file(args.ref):
+            open_images(args.ref)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = Pipeline.load(args.tokenizer, args.generator, device=device, init_seed=args.init_seed)
     extra = {}
@@ -269,15 +281,18 @@ def run(args) -> dict:
               "samples": str(out / SAMPLES_FILE), "samples_sha256": sha256_file(out / SAMPLES_FILE),
               "num_images": int(shape[0]), "image_size": list(shape[1:3]),
               "class_counts": {"min": int(np.bincount(labels).min()), "max": int(np.bincount(labels).max())},
+              # a registry name without :tag is a random-init model: say so next to the metrics
+              "pretrained": {k: settings[k]["sha256"] is not None for k in ("tokenizer", "generator")},
               "sampling_time_s_this_run": round(sample_time, 2), "shards_made_this_run": made}
-    if args.ref and args.ref.lower() != "none":
+    if measure:
         from eval.fid import compute_metrics
 
         ref = args.ref
         if ref.startswith("shapes:") and len(ref.split(":")) == 2:
             ref = f"{ref}:{args.num}"  # as many reference images as samples
         fid = compute_metrics(str(out / SAMPLES_FILE), ref, features=args.features,
-                              inception_weights=args.inception_weights, batch_size=args.eval_batch_size,
+                              inception_weights=args.inception_weights, shapes_weights=args.shapes_weights,
+                              batch_size=args.eval_batch_size,
                               device=args.device, progress=not args.no_progress)
         report["fid"] = fid
         report["metrics"] = fid["metrics"]

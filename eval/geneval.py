@@ -17,6 +17,11 @@ Scoring rules, as the official scorer applies them (Sec. 3.2 of the paper):
 * detections of each class are sorted by confidence, those with score ``> 0.3`` kept
   (``> 0.9`` for the ``counting`` task), at most 16 per class, optional greedy NMS
   (``max_overlap``, off by default = 1.0);
+* in the official order and precision: its ``np.argsort(scores)[::-1]`` puts the *last* of
+  equally scored detections first (numpy's introsort, ported in :func:`official_order`), and
+  scores, thresholds, boxes and relations are float32 (mmdet's output dtype), so a score of
+  ``float32(0.3)`` is not above the threshold ``0.3``. A detector that gives every good fit the
+  same confidence (the Shapes one) makes this order decide which objects are checked;
 * ``include`` clauses are ANDed: the class needs ``count`` detections; the top-``count`` ones
   (most confident first) must all have the clause's colour and must all stand in the
   clause's relation to every object of the referenced clause;
@@ -154,35 +159,132 @@ def as_detection(d) -> Detection:
 
 
 def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """IoU with the official scorer's inclusive-pixel convention (``+1`` on widths/heights)."""
-    def area(b):
-        return max(b[2] - b[0] + 1, 0) * max(b[3] - b[1] + 1, 0)
+    """IoU with the official scorer's inclusive-pixel convention (``+1`` on widths/heights).
 
-    inter = area([max(box_a[0], box_b[0]), max(box_a[1], box_b[1]),
-                  min(box_a[2], box_b[2]), min(box_a[3], box_b[3])])
-    union = area(box_a) + area(box_b) - inter
+    In its precision: the boxes are float32 (mmdet's), their corner differences float32, and
+    the ``+ 1`` and the products float64 (numpy 1.23, the official environment, promotes a
+    float32 scalar with a Python number to float64)."""
+    a, b = _f32_box(box_a), _f32_box(box_b)
+
+    def area(x0, y0, x1, y1):
+        return max(float(x1 - x0) + 1, 0) * max(float(y1 - y0) + 1, 0)
+
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a) + area(*b) - inter
     return inter / union if union else 0.0
 
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float],
                       threshold: float = 0.1) -> set[str]:
-    """Relations of box A to box B (GenEval's rule; shared with the Shapes captions)."""
+    """Relations of box A to box B: GenEval's rule (shared with the Shapes captions), in
+    float32 as the official scorer computes it on mmdet's float32 boxes, so that verdicts at a
+    margin's edge agree with it."""
     from zoo.data.shapes import relative_position as _rel
 
-    return _rel(box_a, box_b, threshold=threshold)
+    return _rel(box_a, box_b, threshold=threshold, dtype=np.float32)
+
+
+def _f32_box(box) -> np.ndarray:
+    return np.asarray(box, dtype=np.float32).ravel()[:4]
+
+
+def official_order(scores: Sequence[float]) -> list[int]:
+    """Indices of ``scores`` as the official scorer visits them: ``np.argsort(scores)[::-1]`` on
+    float32 scores with numpy 1.23 (its environment), whose default argsort is an introsort
+    (median-of-3 quicksort, insertion sort on runs of at most 16, heapsort past depth
+    2*log2(n); NaN sorts last). It is not stable, and the reversal puts the *last* of equal
+    scores first; recent numpys may sort ties differently, so the algorithm is ported here
+    (``numpy/core/src/npysort/quicksort.cpp``, ``aquicksort_``)."""
+    v = [float(x) for x in np.asarray(scores, dtype=np.float32).ravel()]
+    t = list(range(len(v)))
+    stack: list[tuple[int, int, int]] = []
+    pl, pr = 0, len(v) - 1
+    depth = 2 * (max(len(v), 1).bit_length() - 1)
+    while True:
+        if depth < 0:
+            t[pl:pr + 1] = _heap_argsort(v, t[pl:pr + 1])
+        else:
+            while pr - pl > 15:
+                pm = pl + ((pr - pl) >> 1)
+                if _lt(v[t[pm]], v[t[pl]]):
+                    t[pm], t[pl] = t[pl], t[pm]
+                if _lt(v[t[pr]], v[t[pm]]):
+                    t[pr], t[pm] = t[pm], t[pr]
+                if _lt(v[t[pm]], v[t[pl]]):
+                    t[pm], t[pl] = t[pl], t[pm]
+                vp = v[t[pm]]
+                pi, pj = pl, pr - 1
+                t[pm], t[pj] = t[pj], t[pm]
+                while True:
+                    pi += 1
+                    while _lt(v[t[pi]], vp):
+                        pi += 1
+                    pj -= 1
+                    while _lt(vp, v[t[pj]]):
+                        pj -= 1
+                    if pi >= pj:
+                        break
+                    t[pi], t[pj] = t[pj], t[pi]
+                t[pi], t[pr - 1] = t[pr - 1], t[pi]
+                depth -= 1
+                if pi - pl < pr - pi:  # the larger side waits on the stack
+                    stack.append((pi + 1, pr, depth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, depth))
+                    pl = pi + 1
+            for i in range(pl + 1, pr + 1):  # insertion sort
+                vi, j = t[i], i
+                while j > pl and _lt(v[vi], v[t[j - 1]]):
+                    t[j] = t[j - 1]
+                    j -= 1
+                t[j] = vi
+        if not stack:
+            return t[::-1]
+        pl, pr, depth = stack.pop()
+
+
+def _lt(a: float, b: float) -> bool:
+    return a < b or (b != b and a == a)  # numpy's float order: NaN after everything
+
+
+def _heap_argsort(v: list[float], t: list[int]) -> list[int]:
+    """numpy's ``aheapsort_`` (1-based heap over the indices ``t``)."""
+    a, n = [0, *t], len(t)
+
+    def sift(i, n, tmp):
+        j = 2 * i
+        while j <= n:
+            if j < n and _lt(v[a[j]], v[a[j + 1]]):
+                j += 1
+            if not _lt(v[tmp], v[a[j]]):
+                break
+            a[i], i, j = a[j], j, 2 * j
+        a[i] = tmp
+
+    for l in range(n >> 1, 0, -1):
+        sift(l, n, a[l])
+    while n > 1:
+        tmp, a[n] = a[n], a[1]
+        n -= 1
+        sift(1, n, tmp)
+    return a[1:]
 
 
 def filter_detections(raw: dict[str, Iterable], tag: str,
                       config: GenEvalConfig | None = None) -> dict[str, list[Detection]]:
-    """The detections the rules see: per class, by descending score, ``score > threshold``
-    (``counting_threshold`` for the counting task), at most ``max_objects``, then greedy NMS
-    when ``max_overlap < 1``. Classes left empty are dropped. Ties keep the detector's order."""
+    """The detections the rules see, as the official ``evaluate_image`` keeps them: per class in
+    :func:`official_order` (descending float32 score; among equal scores the detector's last
+    first), ``float32(score) > float32(threshold)`` (``counting_threshold`` for the counting
+    task), at most ``max_objects``, then greedy NMS when ``max_overlap < 1``. Classes left
+    empty are dropped."""
     config = config or GenEvalConfig()
-    thr = config.counting_threshold if tag == "counting" else config.threshold
+    thr = np.float32(config.counting_threshold if tag == "counting" else config.threshold)
     out: dict[str, list[Detection]] = {}
     for cls, dets in raw.items():
-        dets = sorted((as_detection(d) for d in dets), key=lambda d: -d.score)
-        order = [d for d in dets if d.score > thr][: config.max_objects]
+        dets = [as_detection(d) for d in dets]
+        scores = np.array([d.score for d in dets], dtype=np.float32)
+        order = [dets[i] for i in official_order(scores) if scores[i] > thr][: config.max_objects]
         kept = []
         while order:
             best = order.pop(0)
@@ -642,6 +744,7 @@ __all__ = [
     "load_image",
     "load_metadata",
     "main",
+    "official_order",
     "make_color_classifier",
     "make_detector",
     "read_layout",

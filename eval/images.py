@@ -1,7 +1,8 @@
 """Image sources for the evaluation commands: folders, ADM-style ``.npz`` and procedural Shapes.
 
 ``open_images(source)`` turns a command-line source into a ``Dataset`` of uint8 (3, H, W)
-tensors plus a description: a folder of PNG/JPEG files (sorted by name; not recursive), an
+tensors plus a description: a folder of PNG/JPEG files (sorted by name; not recursive; only
+the samples ``samples.json`` lists when ``arzoo sample`` wrote the folder), an
 ADM-style ``.npz`` (``arr_0`` uint8 NHWC), or ``shapes:<split>[:N][:objects=1-4][:res=64]``.
 Used by ``arzoo eval fid`` / ``fid-job`` / ``recon`` (``eval/fid.py`` re-exports the names).
 """
@@ -62,13 +63,23 @@ class ArrayImages(Dataset):
 
 
 class FolderImages(Dataset):
-    """Image files of a folder (sorted by name), as uint8 (3, H, W) tensors (RGB)."""
+    """Image files of a folder, as uint8 (3, H, W) tensors (RGB).
+
+    A folder written by ``arzoo sample`` holds more than its samples (``grid.png``,
+    ``samples.npz``): when it has that command's ``samples.json``, exactly the files it lists
+    are read, in its order. Otherwise every PNG/JPEG (sorted by name; not recursive). Either
+    way all images must have one size: a file of another size is named in the error instead
+    of failing later inside torch.
+    """
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in _IMAGE_EXT)
+        self.files = _listed_samples(self.folder)
+        if self.files is None:
+            self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in _IMAGE_EXT)
         if not self.files:
             raise ValueError(f"{folder}: no {'/'.join(e[1:] for e in _IMAGE_EXT)} images in this folder")
+        _check_same_size(self.files, self.folder)
 
     def __len__(self):
         return len(self.files)
@@ -78,6 +89,57 @@ class FolderImages(Dataset):
 
         with Image.open(self.files[i]) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+SAMPLES_MANIFEST = "samples.json"  # written by ``arzoo sample`` (sample/cli.py)
+
+
+def _listed_samples(folder: Path) -> list[Path] | None:
+    """The sample files ``folder/samples.json`` lists (``{"samples": [{"file": ...}, ...]}``, as
+    ``arzoo sample`` writes it, GenEval layout included), or None when there is no such file."""
+    import json
+
+    path = folder / SAMPLES_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it to read every image of {folder}") from None
+    samples = meta.get("samples") if isinstance(meta, dict) else None
+    if not isinstance(samples, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                                for s in samples):
+        return None  # some other samples.json: not arzoo's manifest
+    root, files = folder.resolve(), []
+    for s in samples:
+        f = folder / s["file"]
+        if not f.resolve().is_relative_to(root):
+            raise ValueError(f"{path}: lists {s['file']!r}, which is outside {folder}")
+        if not f.is_file():
+            raise ValueError(f"{path}: lists {s['file']!r}, but {f} does not exist")
+        files.append(f)
+    return files
+
+
+def _check_same_size(files: list[Path], folder: Path) -> None:
+    """Refuse a folder whose images differ in size, naming the first odd file (reads headers only)."""
+    from collections import Counter
+
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sizes.append(im.size)
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{f}: cannot read this image ({e})") from None
+    (common, n), = Counter(sizes).most_common(1)
+    for f, size in zip(files, sizes):
+        if size != common:
+            hint = " (arzoo sample's grid.png, not a sample)" if f.name == "grid.png" else ""
+            raise ValueError(f"{f}: {size[0]}x{size[1]} image{hint}, but {n} of the {len(files)} images in "
+                             f"{folder} are {common[0]}x{common[1]}; remove it or pass the samples' .npz")
 
 
 class ShapesImages(Dataset):

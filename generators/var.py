@@ -370,7 +370,7 @@ class NextScaleAR(Generator):
         self.chunks = self._check_chunks(train_chunks)
         if chunk_schedule not in ("sum", "cycle"):
             raise ValueError(f"chunk_schedule must be 'sum' or 'cycle', got {chunk_schedule!r}")
-        self.chunk_schedule, self._next_chunk = chunk_schedule, 0
+        self.chunk_schedule, self._next_chunk, self._warned_unattached = chunk_schedule, 0, False
         if fhat not in ("tokenizer", "learned"):
             raise ValueError(f"fhat must be 'tokenizer' or 'learned', got {fhat!r}")
         self.fhat = fhat
@@ -470,9 +470,13 @@ class NextScaleAR(Generator):
         self.tokenizer_attached.fill_(True)
 
     def _require_attached(self) -> None:
-        if self.fhat == "tokenizer" and not bool(self.tokenizer_attached):
-            raise RuntimeError(f"{type(self).__name__}: fhat='tokenizer' but no tokenizer attached -- call "
-                               "attach_tokenizer(tokenizer) first (train.generator does it from the shards)")
+        if self.fhat == "tokenizer" and not bool(self.tokenizer_attached) and not self._warned_unattached:
+            import warnings
+
+            self._warned_unattached = True
+            warnings.warn(f"{type(self).__name__}: training with fhat='tokenizer' but no tokenizer attached: f̂ is "
+                          "built from a RANDOM codebook and φ -- call attach_tokenizer(tokenizer) first "
+                          "(train.generator does it from the token shards' tokenizer)", stacklevel=3)
 
     @torch.no_grad()
     def load_codebook(self, weight: torch.Tensor) -> None:
@@ -607,7 +611,7 @@ class NextScaleAR(Generator):
 
     def loss(self, tokens: Tokens, cond: Condition | None) -> dict:
         """Cross-entropy over all ``L`` tokens (mean, VAR's 1/L weights) -> ``{"loss", "acc"}``."""
-        if self.training:  # training on an unattached (random) f̂ builder is always a mistake
+        if self.training:  # training on an unattached (random) f̂ builder is a mistake
             self._require_attached()
         ids = self._ids(tokens)
         B = ids[0].shape[0]

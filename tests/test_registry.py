@@ -69,9 +69,13 @@ def test_checkpoint_round_trip_and_layout(tmp_path):
     assert cfg["name"] == "tokenizer/toy-tiny" and cfg["args"]["vocab"] == 16
 
 
-def test_checkpoint_errors_name_file_and_problem(tmp_path, monkeypatch):
-    import zoo.checkpoint as ck
-    monkeypatch.setattr(ck, "_TRUSTED_PACKAGES", ck._TRUSTED_PACKAGES + ("toys",))
+@pytest.fixture
+def toys_registered():
+    with toy_registry():  # checkpoints resolve their class through the registry name
+        yield
+
+
+def test_checkpoint_errors_name_file_and_problem(tmp_path, toys_registered):
     m, d = _saved(tmp_path)
     back = load_pretrained(d)
     x = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -105,12 +109,12 @@ def test_checkpoint_errors_name_file_and_problem(tmp_path, monkeypatch):
         load_pretrained(tmp_path / "nowhere")
 
 
-def test_checkpoint_refuses_foreign_classes(tmp_path):
+def test_checkpoint_refuses_foreign_classes(tmp_path, toys_registered):
     _, d = _saved(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["class"] = "os:system"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="outside arzoo's packages"):
+    with pytest.raises(CheckpointError, match="'os:system' is not the class 'tokenizer/toy-tiny' builds"):
         load_pretrained(d)
 
 
@@ -144,10 +148,9 @@ def test_hub_entrypoints_load_locally():
         assert m.num_params() == registry.info(name)["params"]
 
 
-def test_half_precision_export_loads_back(tmp_path, monkeypatch):
-    import zoo.checkpoint as ck
-    monkeypatch.setattr(ck, "_TRUSTED_PACKAGES", ck._TRUSTED_PACKAGES + ("toys",))
+def test_half_precision_export_loads_back(tmp_path, toys_registered):
     m = ToyTokenizer(image_size=8, vocab=16)
+    m.registry_name = "tokenizer/toy-tiny"
     m.save_pretrained(tmp_path / "f32")
     m.save_pretrained(tmp_path / "f16", dtype=torch.float16)
     size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731

@@ -307,6 +307,7 @@ def test_loss_decreases_on_tiny_overfit_batch(mode):
 
 def test_checkpoint_round_trip(tmp_path):
     m = _model("mvar", spec=RECT, train_chunks=[[0, 1], [2]])
+    m.registry_name = "generator/mvar-tiny"  # loading resolves the class through the registry
     m.save_pretrained(tmp_path / "ck")
     back = load_pretrained(tmp_path / "ck").eval()
     assert back.config == m.config and back.spec == RECT and back.chunks == ((0, 1), (2,))

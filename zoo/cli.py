@@ -8,11 +8,15 @@
 ``arzoo bench ...``        sampling benchmark (eval/bench.py)
 ``arzoo eval CMD ...``     fid | fid-job | geneval | recon | train-features (eval/cli.py)
 ``arzoo export SRC DST``   copy a checkpoint (``--dtype float16`` for small shipped weights)
+
+A user error (bad argument, file or checkpoint) in any subcommand prints one line,
+``arzoo <cmd>: <message>``, and exits with status 2; ``ARZOO_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,11 +79,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _check_export_target(src: Path, dst: Path, overwrite: bool) -> None:
+    from zoo.checkpoint import CONFIG_NAME
+
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise NotADirectoryError(f"{dst}: exists and is not a folder")
+    # samefile also sees through symlinks and trailing slashes; in place would replace the source
+    if src.exists() and os.path.samefile(src, dst):
+        raise ValueError(f"{dst} is the source checkpoint {src}; export to a new folder")
+    if any(dst.iterdir()) and not (dst / CONFIG_NAME).is_file() and not overwrite:
+        raise FileExistsError(f"{dst}: not empty and not an arzoo checkpoint; pass --overwrite to write into it")
+
+
 def cmd_export(args) -> int:
     import torch
 
     from zoo.checkpoint import load_pretrained
 
+    _check_export_target(Path(args.src), Path(args.dst), args.overwrite)
     model = load_pretrained(args.src)
     if args.name:
         model.registry_name = args.name
@@ -108,20 +127,25 @@ def _run_passthrough(cmd: str, rest: list) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arzoo", description="arzoo: autoregressive image tokenizers and generators")
+    plugins = argparse.ArgumentParser(add_help=False)
+    plugins.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE[:FUNC]",
+                         help="import MODULE (and call FUNC()) first, e.g. to register your own models (repeatable)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("list", help="list registered models")
+    q = sub.add_parser("list", help="list registered models", parents=[plugins])
     q.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'generator/*-tiny'")
     q.add_argument("--pretrained", action="store_true", help="only models with shipped weights")
     q.set_defaults(func=cmd_list)
-    q = sub.add_parser("info", help="show one model")
+    q = sub.add_parser("info", help="show one model", parents=[plugins])
     q.add_argument("name")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_info)
-    q = sub.add_parser("export", help="copy a checkpoint folder, optionally storing float16 weights")
+    q = sub.add_parser("export", help="copy a checkpoint folder, optionally storing float16 weights",
+                       parents=[plugins])
     q.add_argument("src", help="checkpoint folder (config.json + model.safetensors)")
     q.add_argument("dst")
     q.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     q.add_argument("--name", help="registry name to record in config.json")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that is not a checkpoint")
     q.set_defaults(func=cmd_export)
     for name, (_, helptext) in PASSTHROUGH.items():
         # Listed for --help only: main() hands these commands their raw arguments.
@@ -129,19 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors() -> tuple:
+    """The exception types that mean "bad input" rather than a bug (printed as one line)."""
+    from zoo.checkpoint import CheckpointError
+    from zoo.errors import UserError
+    from zoo.registry import UnknownModel
+    from zoo.tokens import IncompatibleTokens
+
+    return (UserError, CheckpointError, UnknownModel, IncompatibleTokens, ValueError, FileNotFoundError,
+            FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PASSTHROUGH:
-        return _run_passthrough(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    cmd = argv[0] if argv else ""
     try:
+        if cmd in PASSTHROUGH:
+            return _run_passthrough(cmd, argv[1:])
+        args = build_parser().parse_args(argv)  # argparse errors exit here with their own message
+        from zoo.registry import import_plugins
+        import_plugins(args.imports)
         return args.func(args)
-    except KeyError as e:  # UnknownModel and friends: one clean line, not a traceback
-        from zoo.registry import UnknownModel
-        if isinstance(e, UnknownModel):
-            print(f"arzoo: {e}", file=sys.stderr)
-            return 2
-        raise
+    except user_errors() as e:
+        if os.environ.get("ARZOO_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"arzoo {cmd}: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

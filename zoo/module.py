@@ -14,6 +14,9 @@ import torch.nn as nn
 class ZooModule(nn.Module):
     #: set by ``zoo.create``; saved into ``config.json`` so ``arzoo info`` can name it
     registry_name: str | None = None
+    #: a generator's tokenizer, ``{"name": "tokenizer/...:tag" or None, "fingerprint": ...}``
+    #: (``zoo.checkpoint.fingerprint``); saved as ``"tokenizer"`` in config.json
+    trained_on: dict | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

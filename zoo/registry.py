@@ -18,11 +18,14 @@ the paper-size configs with ``paper_params`` (the paper's parameter count).
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from zoo.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("tokenizer", "generator", "eval")
@@ -41,6 +44,7 @@ class Entry:
     paper_params: float | None = None  # the paper's parameter count, if it states one
     weights: dict = field(default_factory=dict)  # tag -> checkpoint folder (repo-relative) or hub id
     description: str = ""
+    cls: type | None = field(default=None, repr=False, compare=False)  # cache of model_class()
 
     @property
     def kind(self) -> str:
@@ -99,6 +103,23 @@ def entry(name: str) -> Entry:
     return _REGISTRY[name]
 
 
+def import_plugins(specs) -> None:
+    """Import each ``MODULE`` (``MODULE:FUNC``: then call ``FUNC()``) so that its ``@register``
+    decorators run -- how user-defined models reach the registry (``--import MODULE``)."""
+    _ensure_loaded()  # built-in names first, so a plugin that reuses one fails at its @register
+    for spec in specs or []:
+        mod, _, func = str(spec).partition(":")
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:
+            raise UserError(f"--import {spec}: cannot import {mod!r} ({e})") from e
+        if func:
+            fn = getattr(m, func, None)
+            if not callable(fn):
+                raise UserError(f"--import {spec}: {mod} has no callable {func!r}")
+            fn()
+
+
 def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
     """Registered names matching a shell-style wildcard (``generator/*-tiny``)."""
     _ensure_loaded()
@@ -126,11 +147,30 @@ def resolve_weights(name: str, tag) -> Path:
     raise FileNotFoundError(f"{name}:{tag}: weights folder {path} is missing (did the checkout include weights/?)")
 
 
+def split_tag(name: str, pretrained=False) -> tuple[str, object]:
+    """``"kind/model:tag"`` -> ``("kind/model", "tag")``; a ``pretrained`` that names another tag
+    is an error."""
+    base, sep, tag = str(name).partition(":")
+    if not sep:
+        return base, pretrained
+    if not tag:
+        raise ValueError(f"{name!r}: empty weights tag after ':'")
+    if pretrained not in (False, None, True, tag):
+        raise ValueError(f"{name!r} names weights {tag!r} but pretrained={pretrained!r}")
+    return base, tag
+
+
 def create(name: str, pretrained=False, **overrides):
-    """Build a registered model; ``pretrained=True|tag`` loads its checkpoint."""
+    """Build a registered model; ``pretrained=True|tag`` (or ``name:tag``) loads its checkpoint."""
     from zoo.checkpoint import load_pretrained
 
+    name, pretrained = split_tag(name, pretrained)
     e = entry(name)
+    # Only an explicit False/None means random weights: "" or 0 must not silently skip loading.
+    if not (pretrained is None or pretrained is False or pretrained is True
+            or (isinstance(pretrained, str) and pretrained.strip())):
+        raise ValueError(f"{name}: pretrained must be True, False or a weights tag "
+                         f"({', '.join(e.weights) or 'none shipped'}), got {pretrained!r}")
     if pretrained:
         if overrides:
             raise ValueError(f"{name}: overrides {sorted(overrides)} cannot be applied to pretrained weights")
@@ -148,6 +188,14 @@ def build_meta(name: str, **overrides):
         model = e.factory(**overrides)
     model.registry_name = name
     return model
+
+
+def model_class(name: str) -> type:
+    """The class that ``name``'s factory builds (from a meta-device build, cached)."""
+    e = entry(name)
+    if e.cls is None:
+        e.cls = type(build_meta(name))
+    return e.cls
 
 
 def info(name: str) -> dict:

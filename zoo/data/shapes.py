@@ -105,21 +105,23 @@ def _article(word: str) -> str:
 
 
 def relative_position(box: Sequence[float], ref: Sequence[float],
-                      threshold: float = POSITION_THRESHOLD) -> set[str]:
+                      threshold: float = POSITION_THRESHOLD, dtype=np.float64) -> set[str]:
     """Spatial relations of ``box`` with respect to ``ref`` (both ``(x0, y0, x1, y1)``).
 
     GenEval's rule (``evaluate_images.relative_position``): the offset between box centres
     is shrunk towards zero by ``threshold * (size_a + size_b)`` on each axis and divided by
     the norm of the raw offset; a component below -0.5 / above 0.5 gives "left of" /
-    "right of" (x) or "above" / "below" (y, image rows grow downwards).
+    "right of" (x) or "above" / "below" (y, image rows grow downwards). ``dtype``: the
+    captions use float64; the GenEval scorer passes float32, the official scorer's precision
+    on mmdet's boxes (verdicts at a margin's edge can differ).
     """
-    ca = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], dtype=np.float64)
-    cb = np.array([(ref[0] + ref[2]) / 2, (ref[1] + ref[3]) / 2], dtype=np.float64)
-    size = np.array([box[2] - box[0] + ref[2] - ref[0], box[3] - box[1] + ref[3] - ref[1]],
-                    dtype=np.float64)
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - threshold * size, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
+    boxes = np.stack([np.asarray(box, dtype=dtype).ravel()[:4],
+                      np.asarray(ref, dtype=dtype).ravel()[:4]]).reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - dtype(threshold) * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < dtype(1e-3)):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
     rel = set()
