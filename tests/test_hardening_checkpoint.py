@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zoo
+import zoo.cli as arzoo_cli
 from toys import ToyGenerator, ToyTokenizer, toy_registry
 from zoo import checkpoint as ck
 from zoo import registry
@@ -121,6 +122,14 @@ def test_import_plugins_registers_user_models(tmp_path, monkeypatch, capsys):
     finally:
         registry.unregister("tokenizer/plugin-x-tiny")
         sys.modules.pop("arzoo_plugin_x", None)
+
+
+@pytest.mark.parametrize("cmd", [["sample"], ["eval", "fid"], ["bench"]])
+def test_passthrough_commands_take_import(cmd, capsys):
+    # --import is handled before the command runs, for every passthrough command but train
+    assert arzoo([cmd[0], "--import", "no_such_mod_y", *cmd[1:]]) == 2
+    assert "--import no_such_mod_y: cannot import" in capsys.readouterr().err
+    assert arzoo_cli._take_imports(["a", "--import=m1", "b", "--import", "m2:f"]) == (["m1", "m2:f"], ["a", "b"])
 
 
 # ---------------------------------------------------------------- sizes, before allocating

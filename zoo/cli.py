@@ -119,9 +119,30 @@ PASSTHROUGH = {
 }
 
 
+def _take_imports(rest: list) -> tuple[list, list]:
+    """Split ``--import MOD`` / ``--import=MOD`` out of a passthrough command's arguments."""
+    imports, kept, it = [], [], iter(rest)
+    for a in it:
+        if a == "--import":
+            mod = next(it, None)
+            if mod is None:
+                raise ValueError("--import needs a MODULE[:FUNC]")
+            imports.append(mod)
+        elif a.startswith("--import="):
+            imports.append(a.split("=", 1)[1])
+        else:
+            kept.append(a)
+    return imports, kept
+
+
 def _run_passthrough(cmd: str, rest: list) -> int:
     import importlib
 
+    if cmd != "train":  # the training scripts parse --import themselves (it is in their args.json)
+        from zoo.registry import import_plugins
+
+        imports, rest = _take_imports(rest)
+        import_plugins(imports)
     return importlib.import_module(PASSTHROUGH[cmd][0]).main(rest) or 0
 
 
