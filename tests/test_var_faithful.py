@@ -105,3 +105,23 @@ def test_mvar_cycles_one_chunk_per_step(msvq):
         full = g.loss(tokens, cond)["loss"]
     torch.testing.assert_close(full, F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten()),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_generator_attaches_the_shards_tokenizer(tmp_path, msvq, fresh_accelerate):
+    # end to end: extract with a (random) msvq-tiny, train var-tiny two steps; the exported
+    # generator carries the tokenizer's exact codebook and φ
+    from train import extract
+    from train import generator as train_generator
+
+    msvq.save_pretrained(tmp_path / "tok")
+    extract.main(["--tokenizer", str(tmp_path / "tok"), "--data", "shapes", "--num", "8", "--out",
+                  str(tmp_path / "tokens"), "--batch-size", "8", "--num-workers", "0"])
+    train_generator.main(["--model", "generator/var-tiny", "--tokens", str(tmp_path / "tokens"), "--out",
+                          str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--num-workers", "0",
+                          "--eval-samples", "4", "--set", "depth=1", "--set", "dim=32", "--set", "heads=2"])
+    g = zoo.checkpoint.load_pretrained(tmp_path / "run" / "final")
+    assert bool(g.tokenizer_attached)
+    for k, v in msvq.quantizer.state_dict().items():
+        assert torch.equal(g.vq_proxy.state_dict()[k], v), k
+    assert g.trained_on["fingerprint"] == zoo.checkpoint.fingerprint(msvq)

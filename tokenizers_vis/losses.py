@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -82,7 +83,9 @@ class LPIPS(nn.Module):
     """LPIPS distance between images in [-1, 1]; returns one value per image (B,).
 
     ``vgg_state``: a torchvision ``vgg16`` state dict (only ``features.*`` is used); None keeps a
-    random VGG (tests only). ``lin_state``: the LPIPS v0.1 per-channel weights (``lin{i}.model.1.weight``);
+    random VGG (tests only: ``pretrained`` is then False and the distance means nothing; training
+    loads real weights with :func:`load_lpips`). ``lin_state``: the LPIPS v0.1 per-channel weights
+    (``lin{i}.model.1.weight``);
     None uses equal channel weights -- the uncalibrated "baseline" variant of the paper.
     The network is frozen.
     """
@@ -92,6 +95,8 @@ class LPIPS(nn.Module):
         from torchvision.models.vgg import cfgs, make_layers
 
         self.features = make_layers(cfgs["D"])
+        self.pretrained = vgg_state is not None
+        self.calibrated = lin_state is not None
         if vgg_state is not None:
             self.features.load_state_dict({k[len("features."):]: v for k, v in vgg_state.items()
                                            if k.startswith("features.")})
@@ -121,6 +126,30 @@ class LPIPS(nn.Module):
 
     def train(self, mode: bool = True):  # stays in eval mode (frozen)
         return super().train(False)
+
+
+def load_lpips(path) -> LPIPS:
+    """LPIPS with real weights from a safetensors file (never a pickle): torchvision VGG16
+    ``features.*`` tensors, plus optionally the LPIPS v0.1 ``lin0..4.model.1.weight`` (without
+    them channels are weighted equally). Errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{path}: LPIPS weights must be a .safetensors file (pickled .pth/.pt files are "
+                         f"never loaded)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+    lins = {k: v for k, v in state.items() if k.startswith("lin")}
+    try:
+        return LPIPS(state, lins or None)
+    except (RuntimeError, KeyError) as e:  # missing / mis-shaped VGG tensors, incomplete lin weights
+        raise ValueError(f"{path}: not VGG16 'features.*' (+ LPIPS 'lin*') weights ({e})") from e
 
 
 _WARNED = False

@@ -6,7 +6,6 @@ The accelerate training loop itself (exact resume, EMA, checkpoint rotation) is 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -41,7 +40,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 10000, batc
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help="global batch per optimizer step (split over --grad-accum and processes)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (a default: accelerate's "
+                        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS wins when set)")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="after the linear warmup")
@@ -52,18 +53,39 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 10000, batc
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.95)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
-    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="a default: `accelerate launch --mixed_precision` / its config "
+                        "(ACCELERATE_MIXED_PRECISION) wins when set, with a log line if they differ")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
     g.add_argument("--save-every", type=int, default=1000, help="save resumable state every N steps "
                    "(and at the end; 0 = only at the end)")
     g.add_argument("--keep", type=int, default=3, help="resumable states kept (0 = all)")
     g.add_argument("--resume", default="auto",
-                   help="'auto' (latest state under OUT/checkpoints, if any), 'no', or a state folder")
+                   help="'auto' (latest complete state under OUT/checkpoints, if any), 'no', or a state folder")
+    g.add_argument("--allow-changed", action="store_true",
+                   help="resume even though arguments differ from OUT/args.json (by default a resume "
+                        "refuses and lists them; these may always change: " + ", ".join(
+                            f"--{a.replace('_', '-')}" for a in RESUME_MAY_CHANGE
+                            if a not in ("resume", "allow_changed")).replace("--imports", "--import")
+                        + ", --eval-*)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-every", type=int, default=50, help="log to OUT/log.jsonl every N steps")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     g.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is present")
     return parser
+
+
+#: flags that may differ between a run and its resume without --allow-changed: run length, saving,
+#: logging, I/O, hardware and end-of-run evaluation (also every ``--eval-*``); anything else
+#: (model, data, optimizer, batch) would silently mix two runs in one OUT
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "log_every", "num_workers", "resume", "allow_changed",
+                     "config", "imports", "cpu", "mixed_precision", "init")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device (else multi-process runs use gloo on the CPU)."""
+    acc = getattr(torch, "accelerator", None)
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None, *, required=("out",)) -> argparse.Namespace:
@@ -153,18 +175,14 @@ def parse_num_objects(text) -> int | tuple:
 
 
 def import_plugins(specs) -> None:
-    """Import ``MODULE`` or ``MODULE:FUNC`` (then call ``FUNC()``) for each spec."""
-    for spec in specs or []:
-        mod, _, func = str(spec).partition(":")
-        try:
-            m = importlib.import_module(mod)
-        except ImportError as e:
-            raise SystemExit(f"--import {spec}: cannot import {mod!r} ({e})") from e
-        if func:
-            fn = getattr(m, func, None)
-            if not callable(fn):
-                raise SystemExit(f"--import {spec}: {mod} has no callable {func!r}")
-            fn()
+    """:func:`zoo.import_plugins`, exiting with its one-line message (``python -m train ...``)."""
+    from zoo.errors import UserError
+    from zoo.registry import import_plugins as _import
+
+    try:
+        _import(specs)
+    except UserError as e:
+        raise SystemExit(str(e)) from e
 
 
 def json_safe(obj):

@@ -11,7 +11,8 @@ generators: the tokenizer runs once instead of every epoch.
 
 Layout of ``OUT``::
 
-    meta.json                  spec (TokenSpec.to_dict()), tokenizer, data, count, shards
+    meta.json                  spec (TokenSpec.to_dict()), tokenizer ({"name", "fingerprint", ...}),
+                               data, count, shards
     tokens-00000.safetensors   tokens (N, *shape, *per_token) -- pyramids as the flat sequence
                                label (N,) int64 (-1 = none), text (N, L) int64 word ids,
                                flipped (N,) uint8, index (N,) int64 source image
@@ -21,6 +22,13 @@ Shard ``k`` holds source images ``[k * shard_size, (k + 1) * shard_size)``; with
 each image is followed by its mirror, whose caption has "left" and "right" swapped. Under
 ``accelerate launch`` process ``r`` writes the shards ``k`` with ``k % world == r``, so the
 files do not depend on the number of processes. Nothing is pickled.
+
+``OUT`` must be empty or new; ``--overwrite`` first removes its ``meta.json`` and token shards,
+so no stale shard survives (and a run cut short leaves no ``meta.json``, i.e. no readable folder).
+:class:`TokenShardDataset` checks every shard when it opens a folder (readable, same spec and
+tokenizer as ``meta.json``, the listed row count, ids within the vocabulary, labels and word ids
+within the recorded ranges), so a bad folder fails at load with the file's name
+(:class:`TokenShardError`), not mid-training.
 """
 from __future__ import annotations
 
@@ -35,12 +43,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from train.common import build_image_dataset, collate_images, parse_args, parse_num_objects, write_json
-from zoo.tokens import Tokens, TokenSpec
+from train.common import (build_image_dataset, collate_images, has_accelerator, parse_args, parse_num_objects,
+                          write_json)
+from zoo.tokens import TokenError, Tokens, TokenSpec
 
 META_NAME = "meta.json"
 SHARD_FORMAT = "tokens-{:05d}.safetensors"
 FORMAT = "arzoo-token-shards"
+_SHARD_FILES = ("tokens-*.safetensors", "tokens-*.safetensors.tmp")
+
+
+class TokenShardError(ValueError):
+    """A token-shard folder that cannot be trained on; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -79,6 +93,55 @@ def to_tokens(data: torch.Tensor, spec: TokenSpec, *, validate: bool = True) -> 
     return Tokens(data, spec, validate=validate)
 
 
+def as_token_dtype(data: torch.Tensor, spec: TokenSpec) -> torch.Tensor:
+    """Stored rows in the dtype models take: int64 ids, uint8 bits or float32 vectors."""
+    kind = spec.kind
+    return data.long() if kind == "discrete" else data.to(torch.uint8) if kind == "binary" else data.float()
+
+
+def check_shard(path: Path, count: int, spec: TokenSpec, meta: dict) -> None:
+    """Raise :class:`TokenShardError` naming ``path`` unless the shard holds ``count`` valid rows
+    of ``spec`` from the tokenizer ``meta`` records (reads the whole shard once)."""
+    from safetensors import SafetensorError, safe_open
+
+    where = f"{path} (listed in {path.parent / META_NAME})"
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            info, keys = h.metadata() or {}, set(h.keys())
+            missing = {"tokens", "label", "text"} - keys
+            if missing:
+                raise TokenShardError(f"{where}: missing tensor(s) {', '.join(sorted(missing))}")
+            tokens, label, text = h.get_tensor("tokens"), h.get_tensor("label"), h.get_tensor("text")
+    except SafetensorError as e:
+        raise TokenShardError(f"{where}: truncated or corrupt safetensors file ({e})") from e
+    if "spec" in info:
+        try:
+            theirs = TokenSpec.from_dict(json.loads(info["spec"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise TokenShardError(f"{where}: unreadable spec in its metadata ({e})") from e
+        if theirs != spec:
+            raise TokenShardError(f"{where}: holds {theirs.describe()} tokens but meta.json says "
+                                  f"{spec.describe()} (a shard from another tokenizer?)")
+    want_fp = (meta.get("tokenizer") or {}).get("fingerprint")
+    if want_fp and info.get("tokenizer_fingerprint", want_fp) != want_fp:
+        raise TokenShardError(f"{where}: written by tokenizer {info['tokenizer_fingerprint']}, but meta.json "
+                              f"records tokenizer {want_fp} (shards of two extractions mixed)")
+    for name, t in (("tokens", tokens), ("label", label), ("text", text)):
+        if t.shape[:1] != (count,):
+            raise TokenShardError(f"{where}: {name} has {tuple(t.shape)[:1] or 'no'} rows, meta.json says {count}")
+    try:
+        to_tokens(as_token_dtype(tokens, spec), spec)  # shape, and ids / bits / values within the spec
+    except TokenError as e:
+        raise TokenShardError(f"{where}: {e}") from e
+    num_classes, text_vocab = meta.get("num_classes"), meta.get("text_vocab_size")
+    if label.ndim != 1 or (count and (int(label.min()) < -1 or (num_classes and int(label.max()) >= num_classes))):
+        raise TokenShardError(f"{where}: labels must be (N,) in [-1, {num_classes}), got shape {tuple(label.shape)}"
+                              + (f", range [{int(label.min())}, {int(label.max())}]" if label.numel() else ""))
+    if text.ndim != 2 or (text.numel() and (int(text.min()) < 0 or (text_vocab and int(text.max()) >= text_vocab))):
+        raise TokenShardError(f"{where}: word ids must be (N, L) in [0, {text_vocab}), got shape {tuple(text.shape)}"
+                              + (f", range [{int(text.min())}, {int(text.max())}]" if text.numel() else ""))
+
+
 class TokenShardDataset(Dataset):
     """Rows of a token-shard folder, read lazily (memory-mapped safetensors, one row at a time).
 
@@ -89,15 +152,20 @@ class TokenShardDataset(Dataset):
     part into :class:`Tokens` with :meth:`to_tokens`.
     """
 
-    def __init__(self, root):
+    def __init__(self, root, *, check: bool = True):
         self.root = Path(root)
         self.meta = read_meta(self.root)
-        self.spec = TokenSpec.from_dict(self.meta["spec"])
+        try:
+            self.spec = TokenSpec.from_dict(self.meta["spec"])
+        except (TokenError, TypeError, KeyError) as e:
+            raise TokenShardError(f"{self.root / META_NAME}: invalid spec ({e})") from e
         self.files, self.offsets = [], [0]
         for sh in self.meta["shards"]:
             f = self.root / sh["file"]
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: listed in {self.root / META_NAME} but missing")
+            if check:
+                check_shard(f, int(sh["count"]), self.spec, self.meta)
             self.files.append(f)
             self.offsets.append(self.offsets[-1] + int(sh["count"]))
         if self.offsets[-1] != int(self.meta["count"]):
@@ -131,9 +199,7 @@ class TokenShardDataset(Dataset):
         tok = f.get_slice("tokens")[j:j + 1][0]
         label = f.get_slice("label")[j:j + 1][0].long()
         text = f.get_slice("text")[j:j + 1][0].long()
-        kind = self.spec.kind
-        tok = tok.long() if kind == "discrete" else tok.to(torch.uint8) if kind == "binary" else tok.float()
-        return tok, label, text
+        return as_token_dtype(tok, self.spec), label, text
 
     def to_tokens(self, data: torch.Tensor, validate: bool = True) -> Tokens:
         return to_tokens(data, self.spec, validate=validate)
@@ -211,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's image_size")
     p.add_argument("--num-objects", type=parse_num_objects, default=1, help="Shapes objects per image: N or MIN-MAX")
     p.add_argument("--num", type=int, default=10000, help="source images to encode")
-    p.add_argument("--out", help="output folder (required)")
+    p.add_argument("--out", help="output folder (required; must be empty or new unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="extract into a non-empty --out: its meta.json and token shards are removed first")
     p.add_argument("--flip", action="store_true",
                    help="also encode the mirrored images (captions get left/right swapped)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -233,7 +301,14 @@ def main(argv=None) -> dict:
     for name in ("num", "batch_size", "shard_size", "text_len"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    state = PartialState(cpu=args.cpu)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"--out {out}: not empty; pass --overwrite to replace its token shards, or choose "
+                         f"another folder")
+    # no GPU: several processes (accelerate launch --multi_gpu) must still form one gloo group
+    state = PartialState(cpu=args.cpu or not has_accelerator())
     model, source = load_tokenizer(args.tokenizer)
     for attr in ("spec", "image_size", "encode"):
         if not hasattr(model, attr):
@@ -248,8 +323,19 @@ def main(argv=None) -> dict:
     num = min(args.num, len(dataset))
     if num < args.num:
         print(f"[extract] the data has {len(dataset)} images; encoding {num}", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from zoo.checkpoint import fingerprint
+
+    source = {**source, "name": source.get("name") or source.get("path") or args.tokenizer,
+              "fingerprint": fingerprint(model)}
+    state.wait_for_everyone()  # every process has checked --out before anything is removed or written
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        # meta.json first: a run cut short leaves a folder that refuses to load, not a mixed one
+        (out / META_NAME).unlink(missing_ok=True)
+        for pattern in _SHARD_FILES:
+            for old in out.glob(pattern):
+                old.unlink()
+    state.wait_for_everyone()
     rows_per = 2 if args.flip else 1
     n_shards = (num + args.shard_size - 1) // args.shard_size
     mine = [k for k in range(n_shards) if k % state.num_processes == state.process_index]
@@ -297,7 +383,8 @@ def main(argv=None) -> dict:
         path = out / SHARD_FORMAT.format(k)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "spec": json.dumps(spec.to_dict()),
-                                               "stored": json.dumps(sspec.to_dict())})
+                                               "stored": json.dumps(sspec.to_dict()),
+                                               "tokenizer_fingerprint": source["fingerprint"]})
         os.replace(tmp, path)
     bar.close()
 

@@ -3,7 +3,7 @@
 ::
 
     python -m train.generator --model generator/raster-ar-tiny --tokens runs/tok --out runs/ar
-    accelerate launch --multi_gpu --num_processes 2 -m train.generator ...   # 2 processes (gloo on CPU)
+    accelerate launch --multi_gpu --num_processes 2 -m train.generator ...   # 2 processes (gloo without a GPU)
 
 The generator is built as ``zoo.create(model, spec=<the shards' TokenSpec>, **--set)`` and
 trained on ``model.loss(Tokens, Condition(labels, text))``; ``--cond`` picks which parts of
@@ -13,6 +13,11 @@ guidance is the generator's own business, as in LlamaGen, Sun et al. 2024, §2.2
 At the end ``final/metrics.json`` holds the last logged training loss and the loss of the
 exported (EMA, if on) weights on ``--eval-samples`` rows of ``--eval-tokens`` (default: the
 first rows of the training shards), with a fixed seed.
+
+The shards are checked when they are opened (see :mod:`train.extract`); the tokenizer they
+record (``meta.json``: name and fingerprint) is written into every exported checkpoint's
+``config.json`` as ``"tokenizer"``, so a pipeline can tell which tokenizer the generator
+learned.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from generators.base import Condition
 from train.common import add_common_args, build_model, parse_args
 from train.loop import Trainer, make_accelerator, seed_all, step_seed
-from train.extract import TokenShardDataset, to_tokens
+from train.extract import TokenShardDataset, TokenShardError, to_tokens
 
 CONDS = ("class", "text", "both")
 
@@ -63,6 +68,44 @@ def _check_condition_sizes(model, data: TokenShardDataset, cond: str, name: str)
                          f"text_vocab_size={tv}; pass --set text_vocab_size={meta_tv}")
 
 
+def open_tokens(root, flag: str = "--tokens") -> TokenShardDataset:
+    """:class:`TokenShardDataset` of ``root``, checked; a bad folder exits naming the file."""
+    try:
+        return TokenShardDataset(root)
+    except (TokenShardError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{flag} {root}: {e}") from e
+
+
+def trained_on(data: TokenShardDataset) -> dict | None:
+    """``{"name", "fingerprint"}`` of the tokenizer the shards were extracted with (None for
+    shards written before extraction recorded it)."""
+    tok = data.meta.get("tokenizer") or {}
+    if not isinstance(tok, dict) or not isinstance(tok.get("fingerprint"), str):
+        return None
+    name = tok.get("name")
+    return {"name": name if isinstance(name, str) else None, "fingerprint": tok["fingerprint"]}
+
+
+def shard_tokenizer(data: TokenShardDataset):
+    """The tokenizer the shards were extracted with (``meta.json``: its checkpoint path or
+    registry ``name:tag``), checked against the recorded fingerprint. For generators that
+    take fixed tensors from their tokenizer (VAR/MVAR: codebook and φ, ``attach_tokenizer``)."""
+    from zoo.checkpoint import fingerprint
+    from zoo.pipeline import load_model
+
+    src = data.meta.get("tokenizer") or {}
+    ref = src.get("path") or src.get("ref") if isinstance(src, dict) else None
+    if not ref:
+        raise SystemExit(f"--tokens {data.root}: meta.json does not say which tokenizer made the shards; "
+                         "re-extract them with this arzoo (`train extract --overwrite`)")
+    tok = load_model(ref, "tokenizer")
+    want = (trained_on(data) or {}).get("fingerprint")
+    if want and fingerprint(tok) != want:
+        raise SystemExit(f"--tokens {data.root}: the tokenizer {ref} now has fingerprint {fingerprint(tok)}, but the "
+                         f"shards were extracted with {want}; re-extract them")
+    return tok
+
+
 @torch.no_grad()
 def evaluate(model, dataset: TokenShardDataset, *, cond: str, num: int, batch_size: int, seed: int,
              device) -> dict:
@@ -86,13 +129,20 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parse_args(parser, argv, required=("out", "tokens", "model"))
     acc = make_accelerator(args)
-    data = TokenShardDataset(args.tokens)
+    data = open_tokens(args.tokens)
     seed_all(args.seed)
     model = build_model(args.model, args.overrides, spec=data.spec)
     if getattr(model, "spec", None) != data.spec:
         raise SystemExit(f"{args.model} reports spec {getattr(model, 'spec', None)} after being built for "
                          f"{data.spec.describe()}")
     _check_condition_sizes(model, data, args.cond, args.model)
+    if hasattr(model, "attach_tokenizer"):  # e.g. VAR's f̂ from the tokenizer's frozen codebook + φ
+        model.attach_tokenizer(shard_tokenizer(data))
+    # recorded in every exported config.json (final/, final-raw/) as "tokenizer"
+    model.trained_on = trained_on(data)
+    # what the tokens are, not just where: a resume refuses a re-extracted folder (args.json)
+    args.tokens_identity = {"spec": data.spec.describe(), "rows": len(data),
+                            "tokenizer": (model.trained_on or {}).get("fingerprint")}
     trainer = Trainer(args, acc, model, data, name="generator")
     trainer.prepare()
     spec = data.spec
@@ -105,7 +155,7 @@ def main(argv=None) -> dict:
     trainer.fit(step_fn)
 
     def metrics_fn(export):
-        eval_data = TokenShardDataset(args.eval_tokens) if args.eval_tokens else data
+        eval_data = open_tokens(args.eval_tokens, "--eval-tokens") if args.eval_tokens else data
         if eval_data.spec != spec:
             raise SystemExit(f"--eval-tokens {args.eval_tokens} holds {eval_data.spec.describe()}, "
                              f"not {spec.describe()}")

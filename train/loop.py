@@ -3,9 +3,17 @@
 The loop follows the accelerate conventions summarised in ``shared/reference/ecosystem.md``
 §D.4: one :class:`accelerate.Accelerator` per run, gradient accumulation through
 ``accelerator.accumulate`` with optimizer steps counted on ``accelerator.sync_gradients``,
-``save_state``/``load_state`` with automatic checkpoint naming and rotation
-(``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=keep)``), an EMA and a
-step counter registered for checkpointing, and ``skip_first_batches`` for exact resume.
+``save_state``/``load_state``, an EMA and a step counter registered for checkpointing, and
+``skip_first_batches`` for exact resume. ``accelerate launch``'s settings (mixed precision,
+gradient accumulation) win over the script's flags (:func:`make_accelerator`).
+
+States are saved atomically (:meth:`Trainer.save`): ``save_state`` writes
+``OUT/checkpoints/.tmp-checkpoint_N``, which is renamed to ``checkpoint_N`` only once every
+process has written its part, and older states are rotated out (``--keep``) only after that.
+So a run killed at any moment (even ``kill -9`` mid-save) leaves its last complete state, and
+the next run resumes from it and removes the leftovers. A resume refuses to continue a run with
+different arguments (``OUT/args.json``) unless ``--allow-changed``; every start is appended to
+``OUT/args.history.jsonl``.
 
 Exact resume rests on three facts:
 
@@ -31,8 +39,10 @@ import copy
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from train.common import json_safe, write_json
+from train.common import RESUME_MAY_CHANGE, has_accelerator, json_safe, write_json
 
 # ----------------------------------------------------------------------------------------
 # determinism
@@ -185,35 +195,96 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
 # ----------------------------------------------------------------------------------------
 
 
+#: (environment variable accelerate's launcher / config sets, args attribute, flag, parser)
+LAUNCHER_SETTINGS = (("ACCELERATE_MIXED_PRECISION", "mixed_precision", "--mixed-precision", str.lower),
+                     ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "grad_accum", "--grad-accum", int))
+
+
+def apply_launcher_settings(args) -> list[str]:
+    """Let ``accelerate launch`` (its flags or config file, passed on as environment variables)
+    win over the script's ``--mixed-precision`` / ``--grad-accum``, which are only defaults.
+
+    Updates ``args`` (so the loop's micro-batch size and ``args.json`` agree with the
+    Accelerator) and returns one line per flag the launcher overrode.
+    """
+    notes = []
+    for env, dest, flag, conv in LAUNCHER_SETTINGS:
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            continue
+        try:
+            value = conv(raw)
+        except ValueError:
+            raise SystemExit(f"{env}={raw!r}: not a valid value for {flag}") from None
+        if value != getattr(args, dest):
+            notes.append(f"{env}={value} (accelerate launch / config) wins over {flag} {getattr(args, dest)}")
+            setattr(args, dest, value)
+    if args.grad_accum < 1 or args.batch_size % args.grad_accum:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the gradient accumulation "
+                         f"steps {args.grad_accum} (>= 1)")
+    return notes
+
+
 def make_accelerator(args):
-    """The run's Accelerator: automatic checkpoint naming with rotation under ``OUT``."""
+    """The run's Accelerator, with the launcher's settings applied (:func:`apply_launcher_settings`).
+
+    On a machine without a GPU it is built with ``cpu=True``, so that ``accelerate launch
+    --multi_gpu --num_processes N`` starts N gloo processes instead of N unrelated single runs.
+    """
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration
 
-    pc = ProjectConfiguration(project_dir=str(Path(args.out)), automatic_checkpoint_naming=True,
-                              total_limit=args.keep if args.keep > 0 else None)
-    return Accelerator(
+    notes = apply_launcher_settings(args)
+    acc = Accelerator(
         gradient_accumulation_steps=args.grad_accum,
         mixed_precision=args.mixed_precision,
-        project_config=pc,
+        # states are named and rotated by Trainer.save (atomically), not by accelerate
+        project_config=ProjectConfiguration(project_dir=str(Path(args.out))),
         # split_batches: --batch-size is global, so 1 and N processes take the same samples per step
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         # conditioning branches a run does not use (e.g. text under --cond class) get no grads
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        cpu=bool(getattr(args, "cpu", False)),
+        cpu=bool(getattr(args, "cpu", False)) or not has_accelerator(),
     )
+    for line in notes:
+        acc.print(f"[train] {line}")
+    return acc
 
 
 _CKPT = re.compile(r"checkpoint_(\d+)$")
+#: prefixes of a state being written / being removed (never resumed from; cleaned up on resume)
+_TMP, _OLD = ".tmp-", ".old-"
 
 
 def list_states(out) -> list[Path]:
-    """Resumable states under ``OUT/checkpoints``, oldest first."""
+    """Complete resumable states under ``OUT/checkpoints``, oldest first (a state being written
+    is named ``.tmp-checkpoint_N`` until it is complete, so it is never listed)."""
     d = Path(out) / "checkpoints"
     if not d.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def _remove_leftovers(out) -> list[str]:
+    """Delete states an interrupted save or rotation left behind; returns their names."""
+    d = Path(out) / "checkpoints"
+    gone = []
+    for p in sorted(d.iterdir()) if d.is_dir() else []:
+        if p.is_dir() and p.name.startswith((_TMP, _OLD)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
+def changed_args(old: dict, new: dict) -> list[str]:
+    """``["--lr: 0.001 -> 0.002", ...]``: arguments recorded in both that differ, except
+    :data:`~train.common.RESUME_MAY_CHANGE` and ``--eval-*`` (``--set`` is compared parsed, as
+    ``overrides``). Arguments one side does not record (flags added later) are not compared."""
+    skip = set(RESUME_MAY_CHANGE) | {"set", "out"}
+    return [f"--{k.replace('_', '-')}: {json.dumps(old[k])} -> {json.dumps(new[k])}"
+            for k in sorted(set(old) & set(new))
+            if k not in skip and not k.startswith("eval_") and old[k] != new[k]]
 
 
 class Trainer:
@@ -288,39 +359,77 @@ class Trainer:
             self.ema = EMA(self.unwrapped, self.args.ema)
             acc.register_for_checkpointing(self.ema)
         self._prepared = True
-        self._resume()
+        changed = self._resume()
         if acc.is_main_process:
-            write_json(self.out / "args.json", vars(self.args))
+            self._record_args(changed)
         return self
+
+    def _args_now(self) -> dict:
+        return json.loads(json.dumps(json_safe(vars(self.args))))
+
+    def _check_args(self) -> list[str]:
+        """Before resuming: the arguments that differ from ``OUT/args.json`` (refused unless
+        ``--allow-changed``)."""
+        path = self.out / "args.json"
+        if not path.is_file():
+            return []
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not valid JSON ({e}); fix or remove it to resume") from e
+        changed = changed_args(old, self._args_now())
+        if changed and not getattr(self.args, "allow_changed", False):
+            raise SystemExit(f"{path}: resuming this run with different arguments; pass --allow-changed "
+                             f"to continue anyway, or choose another --out:\n  " + "\n  ".join(changed))
+        return changed
+
+    def _record_args(self, changed: list[str]) -> None:
+        # args.json: the arguments now in force; args.history.jsonl: every start, with what changed
+        now = self._args_now()
+        write_json(self.out / "args.json", now)
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.state.step, "changed": changed,
+               "args": now}
+        with open(self.out / "args.history.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _resume(self) -> None:
+    def _resume(self) -> list[str]:
+        """Load the state to resume from, if any; returns the arguments that changed."""
         acc, mode = self.accelerator, str(self.args.resume)
         states = list_states(self.out)
         if mode.lower() in ("no", "never", "false", "0"):
             if states:
                 raise SystemExit(f"{self.out} already holds resumable states ({states[-1].name}); pass "
                                  "--resume auto to continue that run, or choose another --out")
-            return
+            return []
         if mode.lower() == "auto":
             if not states:
-                return
+                return []
             path = states[-1]
         else:
             path = Path(mode)
             if not path.is_dir():
                 raise SystemExit(f"--resume {mode}: not a folder (expected OUT/checkpoints/checkpoint_N)")
+            if path.name.startswith((_TMP, _OLD)):
+                raise SystemExit(f"--resume {mode}: an incomplete state (a save or rotation was interrupted)")
+        changed = self._check_args()
+        acc.wait_for_everyone()  # every process has listed the states before leftovers go
+        if acc.is_main_process:
+            gone = _remove_leftovers(self.out)
+            if gone:
+                acc.print(f"[{self.name}] removed incomplete state(s) left by an interrupted run: {', '.join(gone)}")
         acc.load_state(str(path))
-        # automatic naming restarts at 0 after load_state; continue after the newest folder
-        acc.project_configuration.iteration = (int(_CKPT.match(states[-1].name).group(1)) + 1) if states else 0
         self._last_saved = self.state.step
         acc.print(f"[{self.name}] resumed from {path} at step {self.state.step} "
                   f"(epoch {self.state.epoch}, micro-batch {self.state.batch_in_epoch})")
+        for line in changed:
+            acc.print(f"[{self.name}] --allow-changed: {line}")
         if acc.is_main_process:
             self._truncate_log(self.state.step)
+        return changed
 
     def _truncate_log(self, step: int) -> None:
         # an interrupted run may have logged steps past its last saved state; they are redone
@@ -337,7 +446,28 @@ class Trainer:
         log.write_text("".join(ln + "\n" for ln in keep))
 
     def save(self) -> None:
-        self.accelerator.save_state()
+        """Save a resumable state as ``OUT/checkpoints/checkpoint_N`` atomically: written under
+        a temporary name, renamed once complete, and only then are states beyond ``--keep``
+        removed (so even ``--keep 1`` always leaves one complete state on disk)."""
+        acc = self.accelerator
+        root = self.out / "checkpoints"
+        states = list_states(self.out)
+        n = int(_CKPT.match(states[-1].name).group(1)) + 1 if states else 0
+        final, tmp = root / f"checkpoint_{n}", root / f"{_TMP}checkpoint_{n}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was interrupted
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
+        if acc.is_main_process:
+            os.replace(tmp, final)  # the commit: only complete states carry a checkpoint_N name
+            if self.args.keep > 0:
+                for old in list_states(self.out)[:-self.args.keep]:
+                    # renamed first, so a rotation cut short never leaves a half-deleted checkpoint_N
+                    trash = old.with_name(_OLD + old.name)
+                    os.replace(old, trash)
+                    shutil.rmtree(trash)
+        acc.wait_for_everyone()
         self._last_saved = self.state.step
 
     # -- training ----------------------------------------------------------------------
@@ -349,6 +479,13 @@ class Trainer:
         acc, args, st = self.accelerator, self.args, self.state
         models = [self.model] + ([self.aux[0]] if self.aux else [])
         n_batches = len(self.loader)
+        if st.batch_in_epoch >= n_batches:
+            # saved by a run with more micro-batches per epoch (smaller batch, more data): the rest
+            # of that epoch does not exist here, so go on with the next one (skipping every batch
+            # of this epoch would loop forever)
+            acc.print(f"[{self.name}] the resumed position (micro-batch {st.batch_in_epoch} of epoch {st.epoch}) "
+                      f"is past this run's {n_batches} micro-batches per epoch; continuing at epoch {st.epoch + 1}")
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         window: dict = defaultdict(list)
         bar = tqdm(total=args.steps, initial=min(st.step, args.steps), desc=self.name,
                    disable=not acc.is_main_process, dynamic_ncols=True)
@@ -358,7 +495,9 @@ class Trainer:
             loader = self.loader
             if st.batch_in_epoch:
                 loader = acc.skip_first_batches(self.loader, st.batch_in_epoch)
+            empty = True
             for batch in loader:
+                empty = False
                 # randomness inside the step depends only on (seed, micro-batch, rank): exact resume
                 seed_all(step_seed(args.seed, st.micro, acc.process_index))
                 with acc.accumulate(*models):
@@ -408,6 +547,9 @@ class Trainer:
                     self.save()
                 if st.step >= args.steps:
                     break
+            if empty:
+                raise RuntimeError(f"epoch {st.epoch} yielded no batch from micro-batch {st.batch_in_epoch} on "
+                                   f"({n_batches} per epoch); refusing to loop forever")
         bar.close()
         return st
 

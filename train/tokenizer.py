@@ -23,8 +23,10 @@ A resumable state in ``--out`` takes precedence: resuming ignores ``--init``.
 ``--disc-weight > 0`` adds the
 PatchGAN adversarial term of VQGAN (Esser et al. 2021, §3.2; hinge form as in LlamaGen,
 Sun et al. 2024, §2.1) from ``tokenizers_vis.losses`` after ``--disc-start`` steps, with a
-fixed weight (no adaptive weight), and ``--perceptual-weight > 0`` adds LPIPS (Zhang et al.
-2018) from the same module; when that module lacks the pieces, they are skipped with a message.
+fixed weight (no adaptive weight); when that module lacks the pieces, the GAN is skipped with a
+message. ``--perceptual-weight > 0`` adds LPIPS (Zhang et al. 2018) from the same module, with
+real VGG16 weights from ``--lpips-weights FILE.safetensors`` (required: an LPIPS with random
+weights measures nothing, so it is refused rather than trained against).
 
 At the end ``final/metrics.json`` holds, on ``--eval-images`` held-out images (the Shapes
 test split): PSNR on the [0, 1] scale (mean over images) of ``decode(encode(x))``, and
@@ -72,27 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/final), strictly by tensor name; ignored when resuming from --out")
     g = p.add_argument_group("extra losses (from tokenizers_vis.losses, when it provides them)")
     g.add_argument("--perceptual-weight", type=float, default=0.0,
-                   help="LPIPS weight (needs tokenizers_vis.losses.LPIPS and its weights; 0 = off)")
+                   help="LPIPS weight (0 = off; needs --lpips-weights)")
+    g.add_argument("--lpips-weights", metavar="FILE.safetensors", default=None,
+                   help="LPIPS network weights: torchvision VGG16 'features.*' tensors, optionally with "
+                        "the LPIPS v0.1 'lin0..4.model.1.weight' (else equal channel weights); a "
+                        "safetensors file only, never a pickle")
     g.add_argument("--disc-weight", type=float, default=0.0, help="adversarial loss weight (0 = off)")
     g.add_argument("--disc-start", type=int, default=0, help="step at which the GAN terms start")
     g.add_argument("--disc-lr", type=float, default=None, help="discriminator LR (default: --lr)")
     return p
 
 
-def load_perceptual():
-    """``(frozen LPIPS module, None)`` or ``(None, why)``; called as ``lpips(x, recon)``."""
+def load_perceptual(weight: float, path):
+    """The frozen LPIPS of ``--lpips-weights`` for ``--perceptual-weight`` (None when off);
+    called as ``lpips(x, recon)``. Without real weights it refuses: a random VGG is no metric."""
+    if weight <= 0:
+        return None
+    if not path:
+        raise SystemExit(f"--perceptual-weight {weight} needs --lpips-weights FILE.safetensors (VGG16 "
+                         f"'features.*' weights); LPIPS with random weights is not a perceptual loss")
+    from tokenizers_vis.losses import load_lpips
+
     try:
-        import tokenizers_vis.losses as L
-    except ImportError as e:
-        return None, f"tokenizers_vis.losses is not importable ({e})"
-    cls = getattr(L, "LPIPS", None)
-    if cls is None:
-        return None, "tokenizers_vis.losses has no LPIPS"
-    try:
-        model = cls()
-    except Exception as e:  # e.g. its VGG weights cannot be found offline
-        return None, f"LPIPS() could not be built ({type(e).__name__}: {e})"
-    return model.eval().requires_grad_(False), None
+        model = load_lpips(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--lpips-weights {e}") from e
+    return model.eval().requires_grad_(False)
 
 
 def load_gan_losses():
@@ -299,13 +306,11 @@ def main(argv=None) -> dict:
                 acc.print(f"[tokenizer] GAN skipped: NLayerDiscriminator() could not be built ({e})")
             else:
                 trainer.add_aux(disc_raw, lr=args.disc_lr)
-    perceptual = None
-    if args.perceptual_weight > 0:
-        perceptual, why = load_perceptual()
-        if perceptual is None:
-            acc.print(f"[tokenizer] --perceptual-weight {args.perceptual_weight} ignored: {why}")
-        else:
-            perceptual = perceptual.to(acc.device)
+    perceptual = load_perceptual(args.perceptual_weight, args.lpips_weights)
+    if perceptual is not None:
+        perceptual = perceptual.to(acc.device)
+    elif args.lpips_weights:
+        acc.print(f"[tokenizer] --lpips-weights {args.lpips_weights} unused: --perceptual-weight is 0")
     trainer.prepare()
     disc = trainer.aux[0] if trainer.aux else None
     disc_raw = acc.unwrap_model(disc) if disc is not None else None
@@ -360,7 +365,10 @@ def main(argv=None) -> dict:
                      device=acc.device, attributes=shapes and semantic_reconstruction(export))
         m["eval_data"] = f"{eval_data} ({split} split)" if split == "test" else eval_data
         m["gan"] = gan is not None
-        m["perceptual"] = perceptual is not None
+        # true only for an LPIPS with real (loaded) weights
+        m["perceptual"] = perceptual is not None and perceptual.pretrained
+        if m["perceptual"]:
+            m["lpips_weights"], m["lpips_calibrated"] = str(args.lpips_weights), perceptual.calibrated
         return m
 
     metrics = trainer.finish(metrics_fn)
