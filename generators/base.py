@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from generators.sampling import check_sampling_field
 from zoo.module import ZooModule
 from zoo.tokens import Tokens, TokenSpec, expect_tokens
 
@@ -65,7 +66,9 @@ class SamplingConfig:
 
     CFG is always ``u + s·(c − u)`` (VAR's ``(1+t)c − t·u`` is ``s = 1 + t``).
     ``cfg_schedule``: ``constant`` | ``linear`` (s ramps from 1 to ``cfg`` over the steps, as
-    VAR/MAR/xAR do). ``top_k=0`` and ``top_p=1`` disable the filters.
+    VAR/MAR/xAR do). ``top_k=0`` and ``top_p=1`` disable the filters. ``cfg`` is any finite
+    float (0 = unconditional, < 0 guides away from the condition); ``temperature >= 0``
+    (0 = greedy); float knobs in ``extra`` must be finite.
     """
 
     cfg: float = 1.0
@@ -75,15 +78,11 @@ class SamplingConfig:
     top_p: float = 1.0
     extra: dict = field(default_factory=dict)  # scheme-specific knobs (e.g. num_steps)
 
-    def __post_init__(self):
-        if self.cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    def __setattr__(self, name, value):
+        # Checked on every assignment, construction included, so a config changed after it was
+        # built is checked too (generators read the fields directly): NaN / inf / wrong types
+        # raise ValueError naming the field (generators.sampling.check_sampling_field).
+        super().__setattr__(name, check_sampling_field(name, value))
 
     def cfg_at(self, step: int, num_steps: int) -> float:
         if self.cfg_schedule == "constant" or num_steps <= 1:
@@ -100,6 +99,9 @@ class Generator(ZooModule):
     """
 
     spec: TokenSpec
+    #: the ``SamplingConfig.extra`` keys this scheme reads; any other key is refused, so a typo
+    #: or a knob of another generator is not silently ignored
+    extra_keys: tuple = ()
     # Optional ``trunk``: the dotted name of the network whose calls count as forward steps in
     # ``eval.bench`` (not declared here: a class attribute would shadow a submodule so named).
 
@@ -113,6 +115,18 @@ class Generator(ZooModule):
 
     def forward(self, tokens: Tokens, cond: Condition) -> dict:
         return self.loss(tokens, cond)
+
+    def sampling_config(self, sampling: SamplingConfig | None) -> SamplingConfig:
+        """``sampling`` (default: ``SamplingConfig()``), its ``extra`` keys checked against
+        :attr:`extra_keys`."""
+        sampling = SamplingConfig() if sampling is None else sampling
+        unknown = sorted(set(sampling.extra) - set(self.extra_keys))
+        if unknown:
+            name = self.registry_name or type(self).__name__
+            takes = ", ".join(self.extra_keys) or "none"
+            raise ValueError(f"{name}: SamplingConfig.extra keys {unknown} are not used by this generator "
+                             f"(it takes: {takes})")
+        return sampling
 
     def example_condition(self, batch: int = 2, generator: torch.Generator | None = None) -> Condition:
         """A random valid condition for this generator (class ids and/or word ids)."""

@@ -86,6 +86,8 @@ class HiMAR(MAR):
     the reference's ``re_cfg``; default ``cfg``), ``head_steps`` (MLP head), ``dit_steps``.
     """
 
+    extra_keys = ("pivot_iter", "num_iter", "pivot_cfg", "head_steps", "dit_steps")
+
     def __init__(self, spec: TokenSpec, num_classes: int | None = None, text_vocab_size: int | None = None,
                  text_len: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
                  dec_dim: int | None = None, dec_depth: int | None = None, dec_heads: int | None = None,
@@ -226,7 +228,7 @@ class HiMAR(MAR):
                              generator: torch.Generator | None = None) -> tuple[Tokens, Tokens]:
         """``(pivot Tokens of pivot_spec, Tokens of spec)``; ``pivot_iter + num_iter`` trunk
         forwards, ``pivot_iter`` MLP-head and ``num_iter`` DiT-head samplings."""
-        sampling = sampling or SamplingConfig()
+        sampling = self.sampling_config(sampling)
         was = self.training
         self.eval()
         try:

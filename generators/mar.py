@@ -249,6 +249,8 @@ class MAR(Generator):
 
     trunk = "backbone"
 
+    extra_keys = ("num_iter", "head_steps")
+
     def __init__(self, spec: TokenSpec, num_classes: int | None = None, text_vocab_size: int | None = None,
                  text_len: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
                  dec_dim: int | None = None, dec_depth: int | None = None, dec_heads: int | None = None,
@@ -376,7 +378,7 @@ class MAR(Generator):
     def generate(self, cond: Condition | None, sampling: SamplingConfig | None = None,
                  generator: torch.Generator | None = None) -> Tokens:
         """Random-order masked generation in ``num_iter`` steps (one trunk forward each)."""
-        sampling = sampling or SamplingConfig()
+        sampling = self.sampling_config(sampling)
         was = self.training
         self.eval()
         try:

@@ -122,6 +122,8 @@ class NAR(RasterAR):
     ``below`` (the extra block(s) with their own final norm) + ``head_below``.
     """
 
+    extra_keys = ("cfg_interval",)
+
     def __init__(self, spec: TokenSpec, num_classes: int | None = None, text_vocab_size: int | None = None,
                  text_len: int = 16, dim: int = 256, depth: int = 6, heads: int = 4, ffn_multiple: int = 256,
                  dropout: float = 0.0, token_dropout: float = 0.0, class_dropout: float = 0.1,
@@ -191,7 +193,7 @@ class NAR(RasterAR):
         or no guidance once more than ``sampling.extra["cfg_interval"]`` tokens exist
         (when set and >= 0). Runs in eval mode.
         """
-        return self._cached_decode(cond, sampling or SamplingConfig(), generator)[0]
+        return self._cached_decode(cond, self.sampling_config(sampling), generator)[0]
 
     def _cached_decode(self, cond, sampling: SamplingConfig, generator, teacher=None, batch=None):
         was_training = self.training

@@ -139,7 +139,7 @@ class RasterAR(Generator):
         CFG (``sampling.cfg != 1`` and a conditional model) doubles the batch with the null
         prefix; the scale at step ``i`` is ``sampling.cfg_at(i, N)``. Runs in eval mode.
         """
-        return self._cached_decode(cond, sampling or SamplingConfig(), generator)[0]
+        return self._cached_decode(cond, self.sampling_config(sampling), generator)[0]
 
     @torch.no_grad()
     def cached_logits(self, tokens: Tokens, cond: Condition | None) -> torch.Tensor:

@@ -25,9 +25,81 @@ host sync), so results are reproducible per generator state but differ from the 
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from generators.kernels.rng import philox_uniform
+
+
+# ---- argument checks (SamplingConfig, the functions below and the kernels share them) --------
+# A NaN or inf knob does not fail by itself: it turns every probability into NaN and argmax then
+# returns id 0 for every token, silently. So every knob is checked where it enters.
+def check_real(value, name: str) -> float:
+    """``value`` as a finite float, else ``ValueError`` naming ``name`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_cfg(value, name: str = "cfg"):
+    """A guidance scale: any finite float (1 = no guidance, 0 = unconditional, < 0 = guidance
+    away from the condition), or a per-row tensor (not checked: that would sync the device)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value
+    return check_real(value.item() if isinstance(value, torch.Tensor) else value, name)
+
+
+def check_temperature(value, name: str = "temperature") -> float:
+    value = check_real(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = greedy), got {value}")
+    return value
+
+
+def check_top_k(value, name: str = "top_k") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = off), got {value}")
+    return int(value)
+
+
+def check_top_p(value, name: str = "top_p") -> float:
+    value = check_real(value, name)
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1] (1 = off), got {value}")
+    return value
+
+
+def check_extra(extra, name: str = "extra") -> dict:
+    """Scheme-specific knobs: a dict with string keys whose float values are finite."""
+    if not isinstance(extra, dict):
+        raise ValueError(f"{name} must be a dict of scheme-specific knobs, got {type(extra).__name__}")
+    for key, value in extra.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name} keys must be strings, got {key!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}[{key!r}] must be finite, got {value}")
+    return extra
+
+
+_FIELD_CHECKS = {"cfg": check_cfg, "temperature": check_temperature, "top_k": check_top_k,
+                 "top_p": check_top_p, "extra": check_extra}
+
+
+def check_sampling_field(name: str, value):
+    """The validated value of :class:`generators.base.SamplingConfig` field ``name``."""
+    if name == "cfg_schedule":
+        if value not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {value!r}")
+        return value
+    check = _FIELD_CHECKS.get(name)
+    return value if check is None else check(value, name)
 
 
 def _row_scale(scale, like: torch.Tensor):
@@ -56,10 +128,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     probability mass (renormalised after top-k) is ``>= top_p``; at least one entry is kept.
     """
     V = logits.shape[-1]
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    top_k, top_p = check_top_k(top_k), check_top_p(top_p)
     out = logits
     if 0 < top_k < V:
         vals, idx = torch.topk(out, top_k, dim=-1)
@@ -123,8 +192,8 @@ def categorical_probs(logits: torch.Tensor, *, uncond: torch.Tensor | None = Non
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The float32 distribution ``(..., V)`` that :func:`sample_categorical` draws from (``temperature > 0``)."""
     if uncond is not None:
-        logits = cfg_logits(logits, uncond, cfg)
-    if not temperature > 0:
+        logits = cfg_logits(logits, uncond, check_cfg(cfg))
+    if not check_temperature(temperature) > 0:
         raise ValueError(f"categorical_probs needs temperature > 0, got {temperature}")
     return filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
 
@@ -140,10 +209,10 @@ def sample_categorical(logits: torch.Tensor, *, uncond: torch.Tensor | None = No
     ``seed``/``rows``: keyed RNG (module docstring); without ``seed`` the CPU path draws from
     ``generator`` exactly as before. CUDA tensors go through the fused kernel.
     """
+    cfg, temperature = check_cfg(cfg), check_temperature(temperature)
+    top_k, top_p = check_top_k(top_k), check_top_p(top_p)
     kern = _kernels_for(logits)
     if kern is not None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         V = logits.shape[-1]
         if uncond is not None and uncond.shape != logits.shape:
             raise ValueError(f"cond and uncond logits must have the same shape, got {tuple(logits.shape)} "
@@ -155,8 +224,6 @@ def sample_categorical(logits: torch.Tensor, *, uncond: torch.Tensor | None = No
         return ids.reshape(logits.shape[:-1])
     if uncond is not None:
         logits = cfg_logits(logits, uncond, cfg)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
@@ -178,11 +245,10 @@ def sample_bits(logits: torch.Tensor, *, uncond: torch.Tensor | None = None, cfg
     keyed RNG (bit ``j`` of row ``r`` uses uniform ``(seed, r, j)``). CUDA tensors with
     ``K <= 128`` go through the fused bitwise kernel.
     """
+    cfg, temperature = check_cfg(cfg), check_temperature(temperature)
     kern = _kernels_for(logits)
     K = logits.shape[-1] if logits.dim() else 0
     if kern is not None and 1 <= K <= 128:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         if uncond is not None and uncond.shape != logits.shape:
             raise ValueError(f"cond and uncond logits must have the same shape, got {tuple(logits.shape)} "
                              f"and {tuple(uncond.shape)}")
@@ -193,8 +259,6 @@ def sample_bits(logits: torch.Tensor, *, uncond: torch.Tensor | None = None, cfg
         return bits.reshape(logits.shape)
     if uncond is not None:
         logits = cfg_logits(logits, uncond, cfg)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return (logits > 0).to(torch.uint8)
     p = torch.sigmoid(logits.float() / temperature)
@@ -217,6 +281,7 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | No
     if v_cond.shape != x.shape or (v_uncond is not None and v_uncond.shape != x.shape):
         raise ValueError(f"x, v_cond, v_uncond must share one shape, got {tuple(x.shape)}, {tuple(v_cond.shape)}, "
                          f"{None if v_uncond is None else tuple(v_uncond.shape)}")
+    cfg = check_cfg(cfg)
     kern = _kernels_for(x)
     if kern is not None:
         return kern.fused_flow_step(x, v_cond, v_uncond, cfg, dt)
@@ -228,6 +293,7 @@ def flow_step(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | No
 
 __all__ = [
     "categorical_probs",
+    "check_sampling_field",
     "cfg_logits",
     "filter_logits",
     "flow_step",

@@ -648,7 +648,7 @@ class NextScaleAR(Generator):
         step sees only its own scale's ``p_k²`` tokens). CFG (``sampling.cfg != 1`` and
         labels given) doubles the batch with the null class; the scale at step ``k`` is
         ``sampling.cfg_at(k, S)`` (``cfg_schedule="linear"`` is VAR's ramp)."""
-        return self._decode(cond, sampling or SamplingConfig(), generator)[0]
+        return self._decode(cond, self.sampling_config(sampling), generator)[0]
 
     @torch.no_grad()
     def cached_logits(self, tokens: Tokens, cond: Condition | None) -> torch.Tensor:

@@ -257,6 +257,7 @@ class XAR(Generator):
         clean_context_prob: training probability of a clean, loss-free entity (0 = reference).
     """
 
+    extra_keys = ("num_steps", "sampler", "t_stop", "time_shift", "context_t")
     trunk = "transformer"
 
     def __init__(self, spec: TokenSpec, entity: str = "cell", entity_size: int = 2, scales: list | None = None,
@@ -402,10 +403,7 @@ class XAR(Generator):
 
     def sampling_options(self, sampling: SamplingConfig) -> dict:
         ex = sampling.extra or {}
-        keys = ("num_steps", "sampler", "t_stop", "time_shift", "context_t")
-        unknown = set(ex) - set(keys)
-        if unknown:
-            raise ValueError(f"XAR sampling extra takes {', '.join(keys)}; got {sorted(unknown)}")
+        self.sampling_config(sampling)  # unknown keys are refused
         opts = {"num_steps": int(ex.get("num_steps", self.num_steps)), "sampler": ex.get("sampler", self.sampler),
                 "t_stop": ex.get("t_stop", self.t_stop), "shift": float(ex.get("time_shift", self.time_shift)),
                 "context_t": float(ex.get("context_t", self.context_t))}

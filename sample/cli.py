@@ -23,14 +23,18 @@ layout instead: ``<idx:05d>/metadata.jsonl`` (that prompt's metadata), ``<idx:05
 ``samples.json`` with the settings; score it with ``arzoo eval geneval OUT``.
 
 Same seed, batch size and device -> identical files (``zoo.pipeline`` explains why the batch
-size is part of the key).
+size is part of the key). A registry name without ``:tag`` means random weights: a warning
+line on stderr and ``"pretrained": {"tokenizer": ..., "generator": false}`` in samples.json.
+Bad input (flags, class ids, device, checkpoints) ends in one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,6 +61,9 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"--classes: empty range {part!r}")
+        if num_classes and (lo < -1 or hi >= num_classes):  # before expanding '0-99999999999'
+            raise ValueError(f"--classes {part!r}: class ids must lie in [0, {num_classes}) (or -1 for "
+                             f"the null class)")
         out.extend(range(lo, hi + 1))
     if not out:
         raise ValueError(f"--classes: no class ids in {text!r}")
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="pair a generator with a tokenizer other than the one it was trained on (warns)")
     r.add_argument("--grid-max-rows", type=int, default=64, help="grid.png shows at most this many conditions")
     r.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in --out")
     r.add_argument("--no-progress", action="store_true")
@@ -162,16 +171,43 @@ def write_outputs(out: Path, images: torch.Tensor, rows: int, cols: int, labels,
     (out / "samples.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def check_device(device: str) -> torch.device:
+    """``--device`` as a ``torch.device`` that this machine has, else a one-line ``ValueError``."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "meta":
+        raise ValueError(f"--device {device}: the meta device holds no data; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+    try:
+        torch.empty(0, device=dev)  # the cheapest way to ask torch whether the device exists
+    except (RuntimeError, AssertionError) as e:  # AssertionError: torch built without that backend
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--device {device}: not usable here ({first[:120]})") from None
+    return dev
+
+
 def run(args) -> Path:
     from generators.base import SamplingConfig
-    from zoo.pipeline import Pipeline, class_conditioning
+    from zoo.pipeline import Pipeline, RandomWeightsWarning, class_conditioning, random_weights_note
 
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.load(args.tokenizer, args.generator, device=device)
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size),
+                        ("--grid-max-rows", args.grid_max_rows)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     sampling = SamplingConfig(cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, extra=_extra(args.extra))
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # printed below as one plain line each
+        pipe = Pipeline.load(args.tokenizer, args.generator, device=device,
+                             allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+    for model in (pipe.tokenizer, pipe.generator):
+        note = random_weights_note(model)
+        if note:
+            print(f"arzoo sample: WARNING {note}", file=sys.stderr)
 
     classes = prompts = metadatas = None
     if args.geneval_metadata is not None:
@@ -209,10 +245,14 @@ def run(args) -> Path:
         if per_prompts is not None:
             s["prompt"] = per_prompts[i]
         samples.append(s)
+    models = {"tokenizer": pipe.tokenizer, "generator": pipe.generator}
     meta = {
         "tokenizer": args.tokenizer, "generator": args.generator,
         "tokenizer_model": pipe.describe()["tokenizer"], "generator_model": pipe.describe()["generator"],
         "spec": pipe.tokenizer.spec.describe(),
+        # false = random weights (a registry name without :tag); "weights": where they came from
+        "pretrained": {k: getattr(m, "pretrained_source", None) is not None for k, m in models.items()},
+        "weights": {k: getattr(m, "pretrained_source", None) for k, m in models.items()},
         "sampling": asdict(sampling), "seed": args.seed, "batch_size": args.batch_size,
         "device": str(pipe.device), "torch": torch.__version__,
         "num_per_condition": args.num, "num_conditions": conds, "num_samples": n,
@@ -236,17 +276,17 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> int:
-    from zoo.checkpoint import CheckpointError
-    from zoo.registry import UnknownModel
-    from zoo.tokens import IncompatibleTokens
+    # `arzoo sample` and `python -m sample` both come here: the same errors end the same way.
+    from zoo.cli import one_line, user_errors
 
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
-    except (ValueError, FileExistsError, FileNotFoundError, UnknownModel, CheckpointError,
-            IncompatibleTokens) as e:
+    except user_errors() as e:
+        if os.environ.get("ARZOO_DEBUG", "") not in ("", "0"):
+            raise
         # Bad input: one clean line, not a traceback.
-        print(f"arzoo sample: {e}", file=sys.stderr)
+        print(f"arzoo sample: {one_line(e)}", file=sys.stderr)
         return 2
     if args.geneval_metadata is not None:
         print(f"wrote the GenEval layout to {out} (<idx>/metadata.jsonl, <idx>/samples/<n>.png); "

@@ -3,9 +3,11 @@
 ``config.json`` holds ``{"arzoo": version, "name": registry name, "class": "module:Class",
 "args": {...}}`` (a generator may add ``"tokenizer": {"name", "fingerprint"}``, the tokenizer
 it was trained on). Loading never imports or walks anything the file names: the class is
-the one the registry builds for ``name`` (and must equal the recorded class), or one the
-caller allowed with :func:`allow_class`. The model is first built on the meta device, so
-absurd sizes are refused before any memory is allocated; every failure names the file.
+the one the registry builds for ``name`` (and must equal the recorded class); for a
+checkpoint without a name, one of arzoo's own model classes (looked up in a table of the
+imported ZooModule subclasses); or one the caller allowed with :func:`allow_class`. The
+model is first built on the meta device, so absurd sizes are refused before any memory is
+allocated; every failure names the file.
 """
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ DEFAULT_MAX_ELEMENTS = 4_000_000_000
 #: 10**12) would spin in Python building them, even on the meta device
 MAX_MODULES = 20_000
 MAX_CONFIG_BYTES = 1 << 20
-# No longer consulted: classes come from the registry or allow_class(). Kept only so that
-# test fixtures which still extend it do not fail; remove together with those lines.
-_TRUSTED_PACKAGES = ("zoo", "tokenizers_vis", "generators", "eval", "train", "tests")
+#: arzoo's own packages: a nameless checkpoint may hold any ZooModule class defined in them
+#: (looked up in a table of the classes already imported, never imported by the file's say-so)
+_OWN_PACKAGES = ("zoo", "tokenizers_vis", "generators", "eval", "train")
 _ALLOWED: dict[str, type] = {}
 
 
@@ -179,12 +181,17 @@ def read_config(directory) -> dict:
 
 
 def resolve_class(cfg: dict, source: str = "config") -> type:
-    """The class to build for ``cfg``: an allowed class, or what the registry builds for its name."""
+    """The class to build for ``cfg``: an allowed class, what the registry builds for its name, or
+    (no name) an arzoo class already imported. Never imports or walks what the file names."""
     from zoo import registry
 
     recorded = cfg["class"]
     if recorded in _ALLOWED:
         return _ALLOWED[recorded]
+    if not cfg.get("name"):  # e.g. a model built from its class directly, not from a registry name
+        own = _own_classes()
+        if recorded in own:
+            return own[recorded]
     hint = ("register it (`--import MODULE` that registers it, zoo.import_plugins) or allow the class "
             "(zoo.checkpoint.allow_class)")
     name = cfg.get("name")
@@ -201,6 +208,21 @@ def resolve_class(cfg: dict, source: str = "config") -> type:
         raise CheckpointError(f"{source}: class {recorded!r} is not the class {base!r} builds "
                               f"({class_path(cls)}); refusing to load it")
     return cls
+
+
+def _own_classes() -> dict[str, type]:
+    """``module:Class`` -> class for every ZooModule subclass defined in arzoo's packages."""
+    from zoo.module import ZooModule
+    from zoo.registry import _ensure_loaded
+
+    _ensure_loaded()  # imports the model packages (their classes, not anything a file names)
+    out, todo = {}, [ZooModule]
+    while todo:
+        c = todo.pop()
+        todo.extend(c.__subclasses__())
+        if c.__module__.split(".")[0] in _OWN_PACKAGES:
+            out[class_path(c)] = c
+    return out
 
 
 class _TooLarge(Exception):
@@ -293,6 +315,7 @@ def load_pretrained(directory, map_location="cpu", *, max_elements: int | None =
         raise CheckpointError(f"{wpath}: truncated or corrupt safetensors file ({e})") from e
     load_state_strict(model, state, str(wpath))
     model.trained_on = cfg.get("tokenizer")
+    model.pretrained_source = str(d)
     return model
 
 

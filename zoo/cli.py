@@ -185,7 +185,7 @@ def user_errors() -> tuple:
             FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return "; ".join(lines) or type(e).__name__
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     except user_errors() as e:
         if os.environ.get("ARZOO_DEBUG", "") not in ("", "0"):
             raise
-        print(f"arzoo {cmd}: {_one_line(e)}", file=sys.stderr)
+        print(f"arzoo {cmd}: {one_line(e)}", file=sys.stderr)
         return 2
 
 

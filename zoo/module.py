@@ -17,6 +17,8 @@ class ZooModule(nn.Module):
     #: a generator's tokenizer, ``{"name": "tokenizer/...:tag" or None, "fingerprint": ...}``
     #: (``zoo.checkpoint.fingerprint``); saved as ``"tokenizer"`` in config.json
     trained_on: dict | None = None
+    #: the checkpoint folder the weights were loaded from; None = random initialisation
+    pretrained_source: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

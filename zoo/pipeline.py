@@ -19,10 +19,23 @@ Determinism
 
 Random-init models built from registry names are initialised under a fixed seed
 (``init_seed``), so two ``Pipeline.load`` calls with the same names build the same weights.
+A registry name without ``:tag`` means random weights: :func:`load_model` warns
+(:class:`RandomWeightsWarning`) and every model it returns carries ``pretrained_source``, the
+weights folder it was loaded from, or ``None`` for random weights.
+
+Tokenizer pairing
+    The token spec only says the shape of the tokens: two tokenizers with the same spec
+    (tokenflow-tiny and msvq-tiny) still mean different things by the same id. A generator
+    checkpoint records the tokenizer it was trained on (``generator.trained_on``: name and
+    ``zoo.checkpoint.fingerprint``); ``Pipeline`` refuses another tokenizer unless
+    ``allow_tokenizer_mismatch=True`` (then it warns). A generator without the record
+    (random init, or a checkpoint from before it existed) is not checked.
 """
 from __future__ import annotations
 
 import hashlib
+import numbers
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +45,11 @@ from zoo.module import ZooModule
 from zoo.tokens import IncompatibleTokens
 
 __all__ = ["Pipeline", "load_model", "model_name", "batch_seed", "to_uint8", "to_pil",
-           "class_conditioning", "text_conditioning"]
+           "class_conditioning", "text_conditioning", "RandomWeightsWarning", "random_weights_note"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built from a registry name without ``:tag``: its weights are random."""
 
 
 def model_name(model) -> str:
@@ -91,9 +108,13 @@ def load_model(source, kind: str, *, init_seed: int = 0, map_location="cpu", **o
     prefix (``vq-tiny`` -> ``tokenizer/vq-tiny``), and the result must be of that kind.
     ``overrides`` go to the registry factory (random init only; ``spec=`` is dropped for a
     factory that does not take it). A model passed in is returned as it is.
+
+    A name without ``:tag`` builds random weights and warns (:class:`RandomWeightsWarning`).
+    The model's ``pretrained_source`` is the folder its weights came from, or ``None``.
     """
     import zoo
     from zoo.checkpoint import load_pretrained
+    from zoo.registry import resolve_weights
 
     if isinstance(source, torch.nn.Module):
         model = source
@@ -102,22 +123,43 @@ def load_model(source, kind: str, *, init_seed: int = 0, map_location="cpu", **o
         path = Path(src)
         if path.is_dir():
             model = load_pretrained(path, map_location=map_location)
+            model.pretrained_source = str(path)
         elif path.exists():
             raise ValueError(f"{kind} {src!r} is a file; expected a checkpoint folder (config.json + "
                              f"model.safetensors), a registry name or name:tag")
         else:
-            name, _, tag = src.partition(":")
+            name, sep, tag = src.partition(":")
             if "/" not in name:
                 name = f"{kind}/{name}"
             elif name.split("/", 1)[0] not in ("tokenizer", "generator"):
                 raise ValueError(f"{kind} {src!r}: no such checkpoint folder, and not a registry name "
                                  f"('{kind}/<model>' or '{kind}/<model>:<weights tag>')")
+            if sep and not tag:
+                raise ValueError(f"{kind} {src!r}: empty weights tag after ':' "
+                                 f"(available: {_tags(name)}; drop the ':' for random weights)")
             if tag:
                 model = zoo.create(name, pretrained=tag)
+                model.pretrained_source = str(resolve_weights(name, tag))
             else:
                 model = _create_random(name, init_seed, overrides)
+                model.pretrained_source = None
+                warnings.warn(random_weights_note(model), RandomWeightsWarning, stacklevel=2)
     _check_kind(model, kind, source)
     return model
+
+
+def _tags(name: str) -> str:
+    from zoo.registry import entry
+
+    return ", ".join(entry(name).weights) or "none shipped"
+
+
+def random_weights_note(model) -> str | None:
+    """The one-line warning for a model :func:`load_model` built with random weights, else None."""
+    if not hasattr(model, "pretrained_source") or model.pretrained_source is not None:
+        return None
+    name = model_name(model)
+    return f"{name}: RANDOM weights (no :tag given; available tags: {_tags(name)})"
 
 
 def _create_random(name: str, init_seed: int, overrides: dict):
@@ -145,15 +187,36 @@ def _check_kind(model, kind: str, source) -> None:
                         f"({model_name(model)})")
 
 
+def _check_trained_on(tokenizer, generator, allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) a generator trained on another tokenizer's tokens."""
+    rec = getattr(generator, "trained_on", None)
+    if rec is None:  # random init or an older checkpoint: nothing to compare
+        return
+    from zoo.checkpoint import fingerprint
+
+    have = fingerprint(tokenizer)
+    if rec["fingerprint"] == have:
+        return
+    msg = (f"generator {model_name(generator)} was trained on the tokens of tokenizer "
+           f"{rec.get('name') or '(unnamed)'} (fingerprint {rec['fingerprint']}), not on those of tokenizer "
+           f"{model_name(tokenizer)} (fingerprint {have}): same token shape, different meaning")
+    if not allow:
+        raise IncompatibleTokens(f"{msg}; pass allow_tokenizer_mismatch=True (arzoo sample: "
+                                 f"--allow-tokenizer-mismatch) to pair them anyway")
+    warnings.warn(msg, stacklevel=3)
+
+
 # ---- the pipeline ------------------------------------------------------------------------
 class Pipeline:
     """Tokenizer + generator: class ids or prompts in, uint8 images / PIL images out.
 
     ``Pipeline(tokenizer, generator)`` refuses (``IncompatibleTokens``) a generator whose
-    token spec differs from the tokenizer's. See the module docstring for the seeding rule.
+    token spec differs from the tokenizer's, or that was trained on another tokenizer's tokens
+    (unless ``allow_tokenizer_mismatch=True``; module docstring). See the module docstring for
+    the seeding rule.
     """
 
-    def __init__(self, tokenizer, generator, device=None):
+    def __init__(self, tokenizer, generator, device=None, *, allow_tokenizer_mismatch: bool = False):
         _check_kind(tokenizer, "tokenizer", model_name(tokenizer))
         _check_kind(generator, "generator", model_name(generator))
         tspec, gspec = getattr(tokenizer, "spec", None), getattr(generator, "spec", None)
@@ -162,13 +225,15 @@ class Pipeline:
                 f"generator {model_name(generator)} [{gspec.describe() if gspec else gspec}] cannot "
                 f"take the tokens of tokenizer {model_name(tokenizer)} "
                 f"[{tspec.describe() if tspec else tspec}]: the token specs differ")
+        _check_trained_on(tokenizer, generator, allow_tokenizer_mismatch)
         self.tokenizer = tokenizer.eval()
         self.generator = generator.eval()
         if device is not None:
             self.to(device)
 
     @classmethod
-    def load(cls, tokenizer, generator, *, device=None, init_seed: int = 0) -> "Pipeline":
+    def load(cls, tokenizer, generator, *, device=None, init_seed: int = 0,
+             allow_tokenizer_mismatch: bool = False) -> "Pipeline":
         """Each of ``tokenizer`` / ``generator``: a checkpoint folder, a registry name or
         ``name:tag`` (shipped weights). A random-init generator is built for the tokenizer's
         spec (``zoo.create(name, spec=tokenizer.spec)``)."""
@@ -178,7 +243,7 @@ class Pipeline:
         except IncompatibleTokens as e:
             raise IncompatibleTokens(f"generator {generator!r} cannot be built for tokenizer "
                                      f"{model_name(tok)} [{tok.spec.describe()}]: {e}") from e
-        return cls(tok, gen, device=device)
+        return cls(tok, gen, device=device, allow_tokenizer_mismatch=allow_tokenizer_mismatch)
 
     # -- device ---------------------------------------------------------------------------
     @property
@@ -223,20 +288,30 @@ class Pipeline:
         if not n:
             raise ValueError(f"{gname} is not class-conditional (its config has no num_classes); "
                              f"pass prompts=... to a text-conditioned generator instead")
-        if isinstance(classes, int):
+        if isinstance(classes, numbers.Integral):
             classes = [classes]
-        labels = torch.as_tensor(classes)
-        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"classes must be a 1-D sequence of integer class ids, got "
-                             f"{labels.dtype} of shape {tuple(labels.shape)}")
-        labels = labels.long()
-        bad = labels[(labels < -1) | (labels >= n)]
-        if bad.numel():
+        if isinstance(classes, torch.Tensor):
+            if classes.dim() != 1 or classes.dtype.is_floating_point or classes.dtype.is_complex \
+                    or classes.dtype == torch.bool:
+                raise ValueError(f"classes must be a 1-D sequence of integer class ids, got a "
+                                 f"{classes.dtype} tensor of shape {tuple(classes.shape)}")
+            classes = classes.tolist()
+        try:
+            classes = list(classes)
+        except TypeError:
+            raise ValueError(f"classes must be a sequence of integer class ids, got {classes!r:.100}") from None
+        if not classes:
+            raise ValueError("classes is empty: pass at least one class id")
+        # Checked in Python: torch.as_tensor would take '3' as a char, 2.5 as a float, and
+        # overflow on 2**63 with a RuntimeError instead of naming the bad id.
+        wrong = [c for c in classes if isinstance(c, bool) or not isinstance(c, numbers.Integral)]
+        if wrong:
+            raise ValueError(f"class ids must be integers, got {wrong[0]!r} ({type(wrong[0]).__name__})")
+        bad = sorted({int(c) for c in classes if not -1 <= c < n})
+        if bad:
             raise ValueError(f"class ids must lie in [0, {n}) for {gname} (or -1 for the null class), "
-                             f"got {sorted(set(bad.tolist()))[:10]}")
-        if labels.numel() == 0:
-            raise ValueError("classes is empty")
-        return labels
+                             f"got {bad[:10]}")
+        return torch.tensor([int(c) for c in classes], dtype=torch.long)
 
     def _text(self, prompts, gname: str) -> torch.Tensor:
         vocab, text_len = text_conditioning(self.generator)

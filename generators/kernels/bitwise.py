@@ -22,6 +22,7 @@ from generators.kernels.categorical import (
     _seed_tensor,
 )
 from generators.kernels.common import guided_tile, keyed_uniform, row_keys, row_scale
+from generators.sampling import check_temperature
 
 MAX_BITS = 128
 
@@ -74,8 +75,7 @@ def fused_bits(logits: torch.Tensor, uncond: torch.Tensor | None = None, cfg=1.0
             raise ValueError(f"cond and uncond bit logits must have the same shape, got {tuple(logits.shape)} "
                              f"and {tuple(uncond.shape)}")
         uncond = _rowwise(uncond, "uncond")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    temperature = check_temperature(temperature)
     device = logits.device
     n_words = (K + 31) // 32
     W = 1 << (n_words - 1).bit_length()

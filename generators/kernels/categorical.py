@@ -65,6 +65,7 @@ from generators.kernels.common import (
     row_keys,
     row_scale,
 )
+from generators.sampling import check_temperature, check_top_k, check_top_p
 
 # ---- passes -----------------------------------------------------------------------------
 
@@ -407,12 +408,7 @@ def fused_categorical(logits: torch.Tensor, uncond: torch.Tensor | None = None, 
             raise ValueError(f"cond and uncond logits must have the same shape, got {tuple(logits.shape)} "
                              f"and {tuple(uncond.shape)}")
         uncond = _rowwise(uncond, "uncond")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    temperature, top_k, top_p = check_temperature(temperature), check_top_k(top_k), check_top_p(top_p)
     greedy = temperature == 0
     if greedy and return_probs:
         raise ValueError("return_probs needs temperature > 0 (greedy decoding has no distribution)")
