@@ -332,3 +332,17 @@ def test_perceptual_loss_with_weights_file(tmp_path):
                                  "--log-every", "1"))
     assert m["perceptual"] is True and m["lpips_weights"] == str(w) and m["lpips_calibrated"] is False
     assert "perceptual" in json.loads((tmp_path / "t" / "log.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"ch": "abc"}, r"--set ch='abc': tokenizer/vq-tiny's ch is an int \(default 16\)"),
+    ({"chx": 3}, "has no argument 'chx'"),
+    ({"entropy_weight": "x"}, "is a float"),
+    ({"norm_groups": 5}, r"cannot be built with --set norm_groups=5: .*must divide"),
+])
+def test_bad_set_overrides_are_one_line_errors(overrides, match):
+    from train.common import build_model
+
+    with pytest.raises(SystemExit, match=match):
+        build_model("tokenizer/vq-tiny", overrides)
+    assert build_model("tokenizer/vq-tiny", {"entropy_weight": 1}).config["entropy_weight"] == 1  # int for float: fine

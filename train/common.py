@@ -224,9 +224,32 @@ def build_model(name: str, overrides: dict | None = None, **fixed):
     if clash:
         raise SystemExit(f"--set {', '.join(sorted(clash))}: set by the script, cannot be overridden")
     try:
+        _check_override_types(name, overrides or {})
         return zoo.create(name, **fixed, **(overrides or {}))
     except zoo.registry.UnknownModel as e:
         raise SystemExit(str(e)) from e
+    except (TypeError, ValueError) as e:  # the values came from --set: say so, in one line
+        sets = " ".join(f"--set {k}={v!r}" for k, v in (overrides or {}).items()) or "(no --set)"
+        raise SystemExit(f"{name} cannot be built with {sets}: {e}") from e
+
+
+def _check_override_types(name: str, overrides: dict) -> None:
+    """``--set ch=abc`` for an int argument: refuse before building (default values' types)."""
+    import zoo
+
+    defaults = zoo.registry.build_meta(name).config
+    for k, v in overrides.items():
+        if k not in defaults:
+            raise SystemExit(f"--set {k}=...: {name} has no argument {k!r} (see `arzoo info {name}`)")
+        d = defaults[k]
+        if d is None or v is None or isinstance(d, (list, tuple, dict)) or not isinstance(d, (bool, int, float, str)):
+            continue
+        ok = isinstance(v, bool) if isinstance(d, bool) else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(d, float) else
+            isinstance(v, int) and not isinstance(v, bool) if isinstance(d, int) else isinstance(v, str))
+        if not ok:
+            kind = type(d).__name__
+            raise SystemExit(f"--set {k}={v!r}: {name}'s {k} is {'an' if kind == 'int' else 'a'} {kind} (default {d!r})")
 
 
 #: ``name -> fn(arg, *, split, resolution, num_objects, length) -> Dataset``; ``--data name[:arg]``
