@@ -38,6 +38,7 @@ class Row:
     cfg_schedule: str = "constant"
     extra: dict = field(default_factory=dict)
     bar: float | None = None  # the class-accuracy bar
+    slow: bool = False  # continuous generators: minutes per hundred images on a CPU (--num-slow)
 
     @property
     def key(self) -> str:
@@ -51,9 +52,9 @@ ROWS = (
     Row("generator/nar-tiny:shapes", "tokenizer/vq-tiny:shapes", bar=0.90),
     Row("generator/var-tiny:shapes", "tokenizer/msvq-tiny:shapes", bar=0.80),
     Row("generator/mvar-tiny:shapes", "tokenizer/msvq-tiny:shapes", bar=0.80),
-    Row("generator/xar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75),
-    Row("generator/mar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75),
-    Row("generator/himar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75),
+    Row("generator/xar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75, slow=True),
+    Row("generator/mar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75, slow=True),
+    Row("generator/himar-tiny:shapes", "tokenizer/kl-tiny:shapes", bar=0.75, slow=True),
 )
 
 
@@ -93,28 +94,31 @@ def measure(row: Row, *, num: int, ref: Path, seed: int, batch_size: int) -> dic
     secs = time.perf_counter() - t0
     acc, got = score(imgs, wanted)
     report = compute_metrics(imgs, str(ref), kid=False, prc=False, isc=False)
-    nfe = gen.nfe(sampling) if hasattr(gen, "nfe") else None
+    from eval.bench import count_forward_steps
+    from generators.base import Condition
+
+    nfe, _ = count_forward_steps(gen, Condition(labels=torch.tensor([0])), sampling)  # trunk passes / image
     return {"class_accuracy": acc, "none_or_many": float(np.mean([g == -1 for g in got])),
             "colour_accuracy": colour_accuracy(imgs, wanted), "shapes_fid": report["metrics"]["shapes_fid"],
             "num": num, "seed": seed, "img_per_s": num / secs, "forward_steps": nfe,
             "params": sum(p.numel() for p in gen.parameters())}
 
 
-def table(rows, results: dict, num: int) -> str:
+def table(rows, results: dict) -> str:
     head = ("| generator | tokenizer | sampling | params | class acc. | bar | right colour | none/many "
-            f"| Shapes-FID (N={num}) | img/s |\n|---|---|---|---|---|---|---|---|---|---|")
+            "| Shapes-FID | N | trunk passes / image | img/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         m = results.get(r.key)
         samp = f"cfg {r.cfg:g}" + (f" {r.cfg_schedule}" if r.cfg_schedule != "constant" else "") + \
             "".join(f", {k}={v}" for k, v in r.extra.items())
         if m is None:
-            lines.append(f"| `{r.generator}` | `{r.tokenizer}` | {samp} | | not measured | | | | | |")
+            lines.append(f"| `{r.generator}` | `{r.tokenizer}` | {samp} | | not measured | | | | | | | |")
             continue
         bar = "" if r.bar is None else (f"≥ {r.bar:.0%} " + ("met" if m["class_accuracy"] >= r.bar else "**not met**"))
         lines.append(f"| `{r.generator}` | `{r.tokenizer}` | {samp} | {m['params'] / 1e6:.2f}M | "
                      f"**{m['class_accuracy']:.1%}** | {bar} | {m['colour_accuracy']:.1%} | {m['none_or_many']:.1%} | "
-                     f"{m['shapes_fid']:.2f} | {m['img_per_s']:.2f} |")
+                     f"{m['shapes_fid']:.2f} | {m['num']} | {m['forward_steps']} | {m['img_per_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -131,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/leaderboard", help="per-row result cache (resumable)")
     p.add_argument("--only", default="", help="comma-separated row keys or generator names (default: all)")
     p.add_argument("--num", type=int, default=2000, help="samples per row (accuracy and FID on the same images)")
+    p.add_argument("--num-slow", type=int, default=None,
+                   help="samples for the slow (continuous) rows; default --num. Shapes-FID depends on N: compare "
+                        "rows at equal N")
     p.add_argument("--ref", default="refs/shapes64-train5k.npz", help="Shapes-net statistics (made if missing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
@@ -140,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    if a.num < 30:
-        raise SystemExit(f"--num must be >= 30 (one sample per Shapes class at least), got {a.num}")
+    for flag, n in (("--num", a.num), ("--num-slow", a.num_slow)):
+        if n is not None and n < 30:
+            raise SystemExit(f"{flag} must be >= 30 (one sample per Shapes class at least), got {n}")
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     rows = [r for r in ROWS if not only or r.key in only or r.generator.split(":")[0].split("/")[-1] in only]
     if not rows:
@@ -151,7 +159,8 @@ def main(argv=None) -> int:
     ref = ensure_ref(Path(a.ref))
     results = {}
     for r in rows:
-        ident = {"row": asdict(r), "num": a.num, "seed": a.seed, "batch_size": a.batch_size,
+        num = a.num_slow if r.slow and a.num_slow else a.num
+        ident = {"row": asdict(r), "num": num, "seed": a.seed, "batch_size": a.batch_size,
                  "weights": _weights_id(r.generator), "tokenizer_weights": _weights_id(r.tokenizer)}
         cache = out / f"{r.key}.json"
         if cache.is_file():
@@ -160,12 +169,12 @@ def main(argv=None) -> int:
                 results[r.key] = saved["metrics"]
                 continue
         torch.manual_seed(0)
-        print(f"[leaderboard] {r.generator}: sampling {a.num} images", file=sys.stderr, flush=True)
-        results[r.key] = measure(r, num=a.num, ref=ref, seed=a.seed, batch_size=a.batch_size)
+        print(f"[leaderboard] {r.generator}: sampling {num} images", file=sys.stderr, flush=True)
+        results[r.key] = measure(r, num=num, ref=ref, seed=a.seed, batch_size=a.batch_size)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ident": ident, "metrics": results[r.key]}, indent=2))
         tmp.replace(cache)
-    text = table(rows, results, a.num)
+    text = table(rows, results)
     print(text)
     if a.write:
         cmd = "python -m eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -16,10 +16,11 @@ def test_rows_cover_every_shipped_generator_once():
 def test_table_marks_bars_and_missing_rows():
     rows = lb.ROWS[:2]
     res = {rows[1].key: {"class_accuracy": 0.5, "colour_accuracy": 0.9, "none_or_many": 0.1, "shapes_fid": 12.3,
-                         "img_per_s": 4.0, "params": 2.1e6}}
-    t = lb.table(rows, res, 2000)
+                         "img_per_s": 4.0, "params": 2.1e6, "num": 2000,
+                         "forward_steps": 15}}
+    t = lb.table(rows, res)
     assert "not measured" in t.splitlines()[2]
-    assert "**50.0%**" in t and "≥ 90% **not met**" in t and "12.30" in t
+    assert "**50.0%**" in t and "≥ 90% **not met**" in t and "| 12.30 | 2000 | 15 | 4.00 |" in t
 
 
 def test_write_between_markers(tmp_path):
