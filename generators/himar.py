@@ -98,7 +98,8 @@ class HiMAR(MAR):
                  num_iter: int = 4, pivot_shape: list | None = None, pivot_iter: int | None = None,
                  pivot_prob: float = 1.0, dit_width: int = 512, dit_depth: int = 6, dit_heads: int = 8,
                  dit_mlp_ratio: float = 4.0, dit_sampling_steps: int = 250, dit_batch_mul: int = 1,
-                 pivot_loss_weight: float = 2.0, token_loss_weight: float = 0.75, clip_denoised: bool = False):
+                 pivot_loss_weight: float = 2.0, token_loss_weight: float = 0.75, clip_denoised: bool = False,
+                 latent_norm: str = "none"):
         spec = TokenSpec.from_dict(spec) if isinstance(spec, dict) else spec
         if not isinstance(spec, TokenSpec):
             raise TypeError(f"HiMAR needs a TokenSpec, got {type(spec).__name__}")
@@ -114,7 +115,7 @@ class HiMAR(MAR):
         super().__init__(spec, num_classes, text_vocab_size, text_len, dim, depth, heads, dec_dim, dec_depth,
                          dec_heads, mlp_ratio, dropout, attn_dropout, buffer_size, class_dropout, text_depth,
                          mask_ratio_min, head_width, head_depth, diffusion_steps, sampling_steps,
-                         diffusion_batch_mul, learn_sigma, num_iter, clip_denoised)
+                         diffusion_batch_mul, learn_sigma, num_iter, clip_denoised, latent_norm)
         self.pivot_spec = TokenSpec("continuous", "grid", (ph, pw), dim=spec.dim)
         self.num_pivots = ph * pw
         self.pivot_iter = int(pivot_iter) if pivot_iter is not None else min(4 * ph, self.num_pivots)
@@ -161,7 +162,7 @@ class HiMAR(MAR):
         piv = expect_tokens(pivots, self.pivot_spec, f"{self.registry_name or 'HiMAR'} pivots").data
         if piv.shape[0] != grid.shape[0]:
             raise ValueError(f"pivots have batch {piv.shape[0]}, tokens {grid.shape[0]}")
-        return piv.to(grid.device, grid.dtype)
+        return self.latent_norm.normalize(piv.to(grid.device, grid.dtype))  # given in the tokenizer's space
 
     # ---- training ----------------------------------------------------------------------------
     def phase1(self, pivots: torch.Tensor, buf: torch.Tensor, pivot_mask: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ class HiMAR(MAR):
         ``pivots``: optional Tokens of :attr:`pivot_spec` (the tokenizer on the downsampled
         images); default: area-pooled ``tokens`` (see the module docstring).
         """
-        grid = self.check_tokens(tokens).data.to(self._device())
+        grid = self.latent_norm.normalize(self.check_tokens(tokens).data.to(self._device()))
         B, (h, w), C = grid.shape[0], self.spec.shape, self.spec.dim
         P, N = self.num_pivots, self.num_tokens
         piv = self._pivot_targets(grid, pivots).reshape(B, P, C)
@@ -285,8 +286,9 @@ class HiMAR(MAR):
                                         sampling.temperature, generator, dit_steps)
             seq = seq.clone()
             seq[to_pred] = maps.reshape(B, N, C)[to_pred].to(seq.dtype)
-        return (Tokens(piv.reshape(B, *self.pivot_spec.shape, C), self.pivot_spec),
-                Tokens(seq.reshape(B, h, w, C), self.spec))
+        dn = self.latent_norm.denormalize
+        return (Tokens(dn(piv.reshape(B, *self.pivot_spec.shape, C)), self.pivot_spec),
+                Tokens(dn(seq.reshape(B, h, w, C)), self.spec))
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ TINY = {
     "attn_dropout": 0.0, "buffer_size": 17, "class_dropout": 0.1, "text_depth": 1, "head_width": 192,
     "head_depth": 3, "diffusion_batch_mul": 4, "sampling_steps": 100, "num_iter": 4, "pivot_shape": [4, 4],
     "pivot_iter": 16, "dit_width": 128, "dit_depth": 2, "dit_heads": 4, "dit_sampling_steps": 100,
-    "dit_batch_mul": 1, "clip_denoised": True,
+    "dit_batch_mul": 1, "clip_denoised": True, "latent_norm": "channel",
 }
 
 _KL16 = TokenSpec("continuous", "grid", (16, 16), dim=16)  # MAR KL-16 at 256 px; pivots: 128 px -> 8x8

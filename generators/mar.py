@@ -43,6 +43,7 @@ from generators.base import Condition, Generator, SamplingConfig
 from generators.conditioning import ConditionEncoder
 from generators.diffusion_head import DiffusionHead
 from generators.heads import TokenEmbedding, make_head
+from generators.latent_norm import LatentNorm
 from zoo.registry import register
 from zoo.tokens import Tokens, TokenSpec
 
@@ -258,7 +259,7 @@ class MAR(Generator):
                  class_dropout: float = 0.1, text_depth: int = 2, mask_ratio_min: float = 0.7,
                  head_width: int = 1024, head_depth: int = 6, diffusion_steps: int = 1000,
                  sampling_steps: int = 100, diffusion_batch_mul: int = 4, learn_sigma: bool = True,
-                 num_iter: int = 64, clip_denoised: bool = False):
+                 num_iter: int = 64, clip_denoised: bool = False, latent_norm: str = "none"):
         super().__init__()
         self.spec = self._check_spec(spec)
         self.num_tokens = self.spec.num_tokens  # tokens to generate
@@ -279,6 +280,9 @@ class MAR(Generator):
                                       dropout, attn_dropout)
         self.embed = TokenEmbedding(self.spec, dim)
         self.continuous = self.spec.kind == "continuous"
+        # per-channel standardisation of continuous tokens (generators.latent_norm); ids/bits: none
+        self.latent_norm = LatentNorm(self.spec.dim if self.continuous else 1,
+                                      latent_norm if self.continuous else "none")
         if self.continuous:
             self.head = DiffusionHead(self.spec.dim, dec_dim, head_width, head_depth, diffusion_steps,
                                       sampling_steps, learn_sigma, clip_denoised)
@@ -330,7 +334,7 @@ class MAR(Generator):
     def loss(self, tokens: Tokens, cond: Condition | None) -> dict:
         """Masked-token loss: diffusion loss (continuous) or CE (discrete / bits) on the
         masked positions -> ``{"loss", ...}`` (``mask_ratio`` reported)."""
-        seq = self.check_tokens(tokens).to_sequence().data.to(self._device())
+        seq = self.latent_norm.normalize(self.check_tokens(tokens).to_sequence().data.to(self._device()))
         B, N = seq.shape[:2]
         buf = self.buffer(cond, B)
         ratio = truncated_mask_ratio(1, self.mask_ratio_min)[0]
@@ -396,9 +400,13 @@ class MAR(Generator):
             for mask, to_pred in reveal_plan(orders, num_iter):
                 seq = self._masked_step(seq, buf, mask, to_pred, use_cfg, sampling.cfg, sampling, generator,
                                         head_steps)
-            return Tokens.from_sequence(seq, self.spec)
+            return Tokens.from_sequence(self.latent_norm.denormalize(seq), self.spec)
         finally:
             self.train(was)
+
+    def fit_latent_stats(self, tokens: torch.Tensor) -> None:
+        """Fit ``latent_norm`` on training tokens (..., dim) (``train.generator`` calls it)."""
+        self.latent_norm.fit(tokens)
 
     def _masked_step(self, seq, buf, mask, to_pred, use_cfg, cfg, sampling, generator, head_steps):
         """One trunk forward and head sampling at ``to_pred``; returns the updated ``seq``."""
@@ -429,6 +437,7 @@ TINY = {
     "text_len": 16, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0, "dropout": 0.0,
     "attn_dropout": 0.0, "buffer_size": 17, "class_dropout": 0.1, "text_depth": 1, "head_width": 192,
     "head_depth": 3, "diffusion_batch_mul": 4, "sampling_steps": 100, "num_iter": 16, "clip_denoised": True,
+    "latent_norm": "channel",
 }
 
 _KL16 = TokenSpec("continuous", "grid", (16, 16), dim=16)  # MAR KL-16 at 256 px

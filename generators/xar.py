@@ -88,6 +88,7 @@ from generators import flow
 from generators.base import Condition, Generator, SamplingConfig
 from generators.conditioning import ConditionEncoder
 from generators.heads import TokenEmbedding
+from generators.latent_norm import LatentNorm
 from generators.transformer import RMSNorm, Transformer
 from zoo.registry import register
 from zoo.tokens import IncompatibleTokens, Tokens, TokenSpec
@@ -255,6 +256,8 @@ class XAR(Generator):
             sampler's default (0.04 for ``euler_maruyama``, 0 for ``euler``); ``context_t``: the
             time embedded with the finished clean context (0 = reference, see above).
         clean_context_prob: training probability of a clean, loss-free entity (0 = reference).
+        latent_norm: ``"channel"`` standardises each token channel inside the generator
+            (:mod:`generators.latent_norm`; a deviation, used by the tiny config) or ``"none"``.
     """
 
     extra_keys = ("num_steps", "sampler", "t_stop", "time_shift", "context_t")
@@ -266,7 +269,7 @@ class XAR(Generator):
                  dropout: float = 0.0, attn_dropout: float = 0.0, class_dropout: float = 0.1, text_depth: int = 2,
                  t_mean: float = 0.0, t_std: float = 1.0, num_steps: int = 20, sampler: str = "euler_maruyama",
                  t_stop: float | None = None, time_shift: float = 1.0, context_t: float = 0.0,
-                 clean_context_prob: float = 0.0):
+                 clean_context_prob: float = 0.0, latent_norm: str = "none"):
         super().__init__()
         if isinstance(spec, dict):
             spec = TokenSpec.from_dict(spec)
@@ -292,6 +295,7 @@ class XAR(Generator):
         self.num_steps, self.sampler, self.t_stop, self.time_shift = int(num_steps), sampler, t_stop, time_shift
         self.cond_encoder = ConditionEncoder(dim, num_classes, text_vocab_size, text_len, class_dropout,
                                              text_depth=text_depth, text_heads=heads)
+        self.latent_norm = LatentNorm(spec.dim, latent_norm)
         self.embed = TokenEmbedding(spec, dim)
         self.pos_embed = nn.Parameter(torch.zeros(self.layout.length, dim))
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -375,7 +379,7 @@ class XAR(Generator):
         ``t`` (B, num_entities) and ``noise`` (B, L, D) may be given (tests, fixed evaluation).
         """
         dev = self._device()
-        grid = self.check_tokens(tokens).data.to(dev, self.out.weight.dtype)
+        grid = self.latent_norm.normalize(self.check_tokens(tokens).data.to(dev, self.out.weight.dtype))
         x = self.layout.clusterify(grid)
         B = x.shape[0]
         t = self.sample_times(B) if t is None else t.to(dev, x.dtype)
@@ -438,7 +442,11 @@ class XAR(Generator):
                                shift=opts["shift"], generator=generator)
 
         seq = self._entity_loop(cond, B, use_cfg, solve, context_t=opts["context_t"])
-        return Tokens(self.layout.unclusterify(seq).float(), self.spec)
+        return Tokens(self.latent_norm.denormalize(self.layout.unclusterify(seq).float()), self.spec)
+
+    def fit_latent_stats(self, tokens: torch.Tensor) -> None:
+        """Fit ``latent_norm`` on training tokens (..., dim) (``train.generator`` calls it)."""
+        self.latent_norm.fit(tokens)
 
     @torch.no_grad()
     def cached_velocity(self, tokens: Tokens, noisy: torch.Tensor, t: torch.Tensor,
@@ -448,7 +456,8 @@ class XAR(Generator):
         ``t[:, k]``; two solver calls per entity (the first with the context, the second
         rewriting entity k's slots). Returns ``(B, L, D)``; equals :meth:`velocity` of the
         sequence [clean entities < k, noisy entity k] at entity k (tested)."""
-        clean = self.layout.clusterify(self.check_tokens(tokens).data.to(self._device(), self.out.weight.dtype))
+        clean = self.layout.clusterify(self.latent_norm.normalize(
+            self.check_tokens(tokens).data.to(self._device(), self.out.weight.dtype)))
         B = clean.shape[0]
         out = torch.zeros_like(clean)
 
@@ -520,7 +529,7 @@ class XAR(Generator):
 TINY = {"spec": TokenSpec("continuous", "grid", (8, 8), dim=8), "entity": "cell", "entity_size": 2,
         "num_classes": 30, "text_vocab_size": 64, "text_len": 16, "dim": 128, "depth": 6, "heads": 4,
         "ffn_multiple": 64, "dropout": 0.0, "attn_dropout": 0.0, "class_dropout": 0.1, "text_depth": 1,
-        "num_steps": 20, "sampler": "euler_maruyama", "context_t": 0.05}
+        "num_steps": 20, "sampler": "euler_maruyama", "context_t": 0.05, "latent_norm": "channel"}
 
 # Paper scale: MAR's KL-16 latent (16×16×16), 8×8 cells (4 entities), 1000 classes; enc+dec
 # depth as one stack; SwiGLU hidden int(8·dim/3) as timm's SwiGLU in the reference

@@ -106,6 +106,13 @@ def shard_tokenizer(data: TokenShardDataset):
     return tok
 
 
+def latent_sample(data: TokenShardDataset, rows: int = 4096) -> torch.Tensor:
+    """The first ``rows`` token rows (deterministic), for ``fit_latent_stats``; on a resume the
+    fitted statistics come back with the state anyway."""
+    n = min(rows, len(data))
+    return torch.stack([torch.as_tensor(data[i][0]) for i in range(n)]).float()
+
+
 @torch.no_grad()
 def evaluate(model, dataset: TokenShardDataset, *, cond: str, num: int, batch_size: int, seed: int,
              device) -> dict:
@@ -138,6 +145,8 @@ def main(argv=None) -> dict:
     _check_condition_sizes(model, data, args.cond, args.model)
     if hasattr(model, "attach_tokenizer"):  # e.g. VAR's f̂ from the tokenizer's frozen codebook + φ
         model.attach_tokenizer(shard_tokenizer(data))
+    if hasattr(model, "fit_latent_stats") and data.spec.kind == "continuous":  # generators.latent_norm
+        model.fit_latent_stats(latent_sample(data))
     # recorded in every exported config.json (final/, final-raw/) as "tokenizer"
     model.trained_on = trained_on(data)
     # what the tokens are, not just where: a resume refuses a re-extracted folder (args.json)
