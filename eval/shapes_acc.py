@@ -124,8 +124,13 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="a SamplingConfig.extra knob of the generator (repeatable), e.g. context_t=0.05 (xAR)")
     p.add_argument("--json", help="also write the report here")
     a = p.parse_args(argv)
+    from train.common import parse_overrides  # KEY=VALUE with YAML values, as --set
+
+    extra = parse_overrides(a.extra)
     pipe = Pipeline.load(a.tokenizer, a.generator)
     modes = tuple(m.strip() for m in a.modes.split(","))
     gen_cfg = pipe.generator.config
@@ -133,7 +138,8 @@ def main(argv=None) -> int:
         modes = tuple(m for m in modes if m != "caption")
     if "class" in modes and not gen_cfg.get("num_classes"):
         modes = tuple(m for m in modes if m != "class")
-    sampling = SamplingConfig(cfg=a.cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    sampling = SamplingConfig(cfg=a.cfg, cfg_schedule=a.cfg_schedule, temperature=a.temperature, top_k=a.top_k,
+                              top_p=a.top_p, extra=extra)
     rep = evaluate(pipe, num=a.num, sampling=sampling, seed=a.seed, batch_size=a.batch_size, modes=modes)
     rep.update(tokenizer=a.tokenizer, generator=a.generator)
     print(json.dumps(rep, indent=2))

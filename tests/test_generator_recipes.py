@@ -49,6 +49,7 @@ def test_xar_tiny_default_context_time_is_not_reference():
     # the tiny config uses the swept default; the paper configs keep the reference's t = 0
     assert zoo.registry.build_meta("generator/xar-tiny").context_t > 0
     assert zoo.registry.build_meta("generator/xar-b").context_t == 0
+    assert zoo.create("generator/xar-tiny", pretrained="shapes").context_t == 0.05  # the shipped weights too
 
 
 def test_xar_clean_context_entities_leave_the_loss():
