@@ -7,7 +7,8 @@
 ``arzoo sample ...``       sampling CLI (sample/)
 ``arzoo bench ...``        sampling benchmark (eval/bench.py)
 ``arzoo eval CMD ...``     fid | fid-job | geneval | recon | train-features (eval/cli.py)
-``arzoo export SRC DST``   copy a checkpoint (``--dtype float16`` for small shipped weights)
+``arzoo export SRC DST``   copy a checkpoint (``--dtype float16`` for small shipped weights) and
+                          write its model card (README.md, zoo/card.py)
 
 A user error (bad argument, file or checkpoint) in any subcommand prints one line,
 ``arzoo <cmd>: <message>``, and exits with status 2; ``ARZOO_DEBUG=1`` shows the traceback.
@@ -104,6 +105,9 @@ def cmd_export(args) -> int:
         model.registry_name = args.name
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     model.save_pretrained(args.dst, dtype=dtype)
+    from zoo.card import write_card
+
+    write_card(model, args.dst, src=args.src)  # README.md: what the weights are, how they were made
     size = sum(p.stat().st_size for p in Path(args.dst).iterdir())
     print(f"exported {model.registry_name or type(model).__name__} ({model.num_params():,} params, "
           f"{args.dtype}) -> {args.dst} ({size / 1e6:.2f} MB)")
