@@ -61,10 +61,20 @@ class ZooModule(nn.Module):
         from zoo.checkpoint import save_pretrained
         save_pretrained(self, directory, dtype=dtype)
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload as an arzoo checkpoint folder + model card (:func:`zoo.hub.push_to_hub`)."""
+        from zoo.hub import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu"):
+        """A checkpoint folder or ``hf-hub:ORG/REPO[@REV]`` (zoo/hub.py) holding this class."""
+        from zoo import hub
         from zoo.checkpoint import load_pretrained
-        model = load_pretrained(directory, map_location=map_location)
+        if hub.is_hub_ref(str(directory)):
+            model = hub.load(str(directory), map_location=map_location)
+        else:
+            model = load_pretrained(directory, map_location=map_location)
         if not isinstance(model, cls):
             raise TypeError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model

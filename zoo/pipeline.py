@@ -121,7 +121,11 @@ def load_model(source, kind: str, *, init_seed: int = 0, map_location="cpu", **o
     else:
         src = str(source)
         path = Path(src)
-        if path.is_dir():
+        from zoo import hub
+
+        if hub.is_hub_ref(src):
+            model = hub.load(src, map_location=map_location)
+        elif path.is_dir():
             model = load_pretrained(path, map_location=map_location)
             model.pretrained_source = str(path)
         elif path.exists():

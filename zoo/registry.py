@@ -142,8 +142,8 @@ def resolve_weights(name: str, tag) -> Path:
     if path.is_dir():
         return path
     if "/" in loc and not loc.startswith(("weights/", "./")):
-        from huggingface_hub import snapshot_download  # hub id, for users with network access
-        return Path(snapshot_download(loc))
+        from zoo.hub import PREFIX, download  # a Hub repo id (cached, or for users with network)
+        return download(loc if loc.startswith(PREFIX) else PREFIX + loc)
     raise FileNotFoundError(f"{name}:{tag}: weights folder {path} is missing (did the checkout include weights/?)")
 
 
@@ -161,9 +161,15 @@ def split_tag(name: str, pretrained=False) -> tuple[str, object]:
 
 
 def create(name: str, pretrained=False, **overrides):
-    """Build a registered model; ``pretrained=True|tag`` (or ``name:tag``) loads its checkpoint."""
+    """Build a registered model; ``pretrained=True|tag`` (or ``name:tag``) loads its checkpoint.
+    ``"hf-hub:ORG/REPO[@REV]"`` loads an arzoo checkpoint from the Hugging Face Hub (zoo/hub.py)."""
+    from zoo import hub
     from zoo.checkpoint import load_pretrained
 
+    if hub.is_hub_ref(name):
+        if overrides or pretrained not in (False, None, True):
+            raise ValueError(f"{name}: a Hub checkpoint takes no overrides or weights tag")
+        return hub.load(name)
     name, pretrained = split_tag(name, pretrained)
     e = entry(name)
     # Only an explicit False/None means random weights: "" or 0 must not silently skip loading.
