@@ -7,6 +7,7 @@
 ``arzoo sample ...``       sampling CLI (sample/)
 ``arzoo bench ...``        sampling benchmark (eval/bench.py)
 ``arzoo eval CMD ...``     fid | fid-job | geneval | recon | train-features (eval/cli.py)
+``arzoo convert ...``      official LlamaGen / VAR / MAR / NAR checkpoints -> arzoo (zoo/convert/)
 ``arzoo export SRC DST``   copy a checkpoint (``--dtype float16`` for small shipped weights) and
                           write its model card (README.md, zoo/card.py)
 
@@ -120,6 +121,7 @@ PASSTHROUGH = {
     "sample": ("sample.cli", "sample images from a tokenizer + generator"),
     "bench": ("eval.bench", "sampling benchmark table"),
     "eval": ("eval.cli", "evaluation: fid | fid-job | geneval | recon | train-features"),
+    "convert": ("zoo.convert", "convert an official checkpoint (LlamaGen, VAR, MAR, NAR) to arzoo's format"),
 }
 
 
