@@ -29,8 +29,10 @@ the last token is never an input) and 2D RoPE are LlamaGen's, shared with
 (discrete or binary tokens); sequences, pyramids and continuous tokens raise
 :class:`~zoo.tokens.IncompatibleTokens`.
 
-Deviations from the reference code: prefix tokens are unrotated instead of zero-rotated
-(see ``generators.transformer``); caption conditioning uses the zoo's word text encoder.
+Deviations from the reference code: by default prefix tokens are unrotated instead of
+zero-rotated (see ``generators.transformer``; ``prefix_rope="zero"``, which the NAR converter
+``arzoo convert --from nar`` sets, restores the reference's zero rotation in the trunk and the
+below block); caption conditioning uses the zoo's word text encoder.
 """
 from __future__ import annotations
 
@@ -113,8 +115,8 @@ class NAR(RasterAR):
     """NAR next-neighbor generator over a grid of discrete or binary tokens.
 
     Args: those of :class:`~generators.raster_ar.RasterAR` (the LlamaGen trunk, its class /
-    caption prefix and dropouts), plus ``extra_blocks``: transformer blocks between the
-    trunk and the below head (NAR: 1).
+    caption prefix, dropouts and ``prefix_rope``, which applies to the below block too), plus
+    ``extra_blocks``: transformer blocks between the trunk and the below head (NAR: 1).
 
     Modules: ``transformer`` (the trunk, the counted forward step; its final norm is moved
     to ``norm_right`` so the extra block reads the raw residual stream, as in the reference),
@@ -127,7 +129,7 @@ class NAR(RasterAR):
     def __init__(self, spec: TokenSpec, num_classes: int | None = None, text_vocab_size: int | None = None,
                  text_len: int = 16, dim: int = 256, depth: int = 6, heads: int = 4, ffn_multiple: int = 256,
                  dropout: float = 0.0, token_dropout: float = 0.0, class_dropout: float = 0.1,
-                 text_depth: int = 2, extra_blocks: int = 1):
+                 text_depth: int = 2, extra_blocks: int = 1, prefix_rope: str = "none"):
         if isinstance(spec, dict):
             spec = TokenSpec.from_dict(spec)
         if not isinstance(spec, TokenSpec):
@@ -137,12 +139,13 @@ class NAR(RasterAR):
         if extra_blocks < 1:
             raise ValueError(f"NAR needs at least one extra block for the below head, got extra_blocks={extra_blocks}")
         super().__init__(spec, num_classes, text_vocab_size, text_len, dim, depth, heads, ffn_multiple,
-                         dropout, token_dropout, class_dropout, text_depth)
+                         dropout, token_dropout, class_dropout, text_depth, prefix_rope)
         # The right head reads the normed trunk output; the extra block(s) read the residual
         # stream before that norm (reference: `norm` after layer n_layer-1, medusa layers on).
         self.transformer.norm = nn.Identity()
         self.norm_right = RMSNorm(dim)
-        self.below = Transformer(dim, extra_blocks, heads, ffn_multiple, rope="2d", dropout=dropout)
+        self.below = Transformer(dim, extra_blocks, heads, ffn_multiple, rope="2d", dropout=dropout,
+                                 prefix_rope=prefix_rope)
         self.head_below = make_head(spec, dim, zero_init=False)
         nn.init.normal_(self.head_below.proj.weight, std=0.02)  # reference: only `output` is zeroed
 

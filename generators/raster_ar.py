@@ -13,9 +13,14 @@ flattened with ``Tokens.to_sequence()`` (pyramids scale after scale) and uses 1D
 the flat index. Discrete and binary tokens are supported; continuous tokens need a
 flow/diffusion head and are refused at construction.
 
-Deviation from LlamaGen's code: prefix tokens are not rotated (see
+Deviation from LlamaGen's code: by default prefix tokens are not rotated (see
 ``generators.transformer``) instead of having their queries/keys zeroed by an all-zero
-rotation table.
+rotation table. ``prefix_rope="zero"`` restores LlamaGen's zero rotation; the LlamaGen
+converter (``arzoo convert --from llamagen``) sets it, so converted GPT-B/L/XL weights give
+the reference logits. Everything else that shapes the outputs matches the reference: RMSNorm
+eps 1e-5, SwiGLU width ``find_multiple(int(8 dim / 3), 256)``, class table of
+``num_classes + 1`` rows with the null class last, token dropout on ``[prefix] + tokens``,
+2D RoPE halves (rows, then columns) with interleaved channel pairs.
 """
 from __future__ import annotations
 
@@ -44,6 +49,9 @@ class RasterAR(Generator):
         dropout: residual / FFN dropout; token_dropout: dropout on the input embeddings;
         class_dropout: probability of dropping class and caption (independently) to null.
         text_depth: layers of the word text encoder.
+        prefix_rope: rotation of the condition prefix's queries/keys: ``"none"`` (identity,
+            the zoo's default) or ``"zero"`` (LlamaGen's all-zero table: the prefix queries and
+            keys are 0; set for converted LlamaGen/NAR weights).
     """
 
     trunk = "transformer"
@@ -51,7 +59,7 @@ class RasterAR(Generator):
     def __init__(self, spec: TokenSpec, num_classes: int | None = None, text_vocab_size: int | None = None,
                  text_len: int = 16, dim: int = 256, depth: int = 6, heads: int = 4, ffn_multiple: int = 256,
                  dropout: float = 0.0, token_dropout: float = 0.0, class_dropout: float = 0.1,
-                 text_depth: int = 2):
+                 text_depth: int = 2, prefix_rope: str = "none"):
         super().__init__()
         if isinstance(spec, dict):
             spec = TokenSpec.from_dict(spec)
@@ -68,8 +76,9 @@ class RasterAR(Generator):
                                              text_depth=text_depth, text_heads=heads)
         self.embed = TokenEmbedding(spec, dim)
         self.tok_dropout = nn.Dropout(token_dropout)
+        self.prefix_rope = prefix_rope
         self.transformer = Transformer(dim, depth, heads, ffn_multiple, rope="2d" if self.grid else "1d",
-                                       dropout=dropout)
+                                       dropout=dropout, prefix_rope=prefix_rope)
         self.head = make_head(spec, dim)
 
     # ---- layout ----------------------------------------------------------------------

@@ -12,7 +12,10 @@ raster, diagonal (NAR), cell (xAR) or scale orders all reuse the same code. A to
 position has any negative coordinate is **not rotated** (identity rotation): that is how
 condition/prefix tokens are placed (they carry no spatial position). This differs from
 LlamaGen's code, which multiplies prefix queries/keys by a zero rotation (cos = sin = 0);
-identity keeps the prefix keys informative.
+identity keeps the prefix keys informative. ``prefix_rope="zero"`` (on :class:`RotaryEmbedding`
+and :class:`Transformer`) reproduces LlamaGen's behaviour -- the prefix's queries and keys
+become 0, so a prefix query attends uniformly and every query scores 0 against a prefix key --
+for weights converted from LlamaGen / NAR (``zoo.convert``).
 
 The KV cache is indexed by *cache slots* (``input_pos``), which are separate from the RoPE
 positions: a generator chooses the slot layout once (prefix first, then tokens in some
@@ -73,16 +76,23 @@ class RotaryEmbedding(nn.Module):
     the position. ``ndim=2`` (LlamaGen's 2D RoPE): positions ``(T, 2)`` or ``(B, T, 2)`` =
     (row, col); the first half of the head dim rotates with the row, the second half with
     the column, each half with its own ``head_dim/4`` frequencies. Channel pairs are
-    interleaved ``(x[2i], x[2i+1])``. Negative positions mean "no rotation" (prefix tokens).
+    interleaved ``(x[2i], x[2i+1])``. Negative positions mean "no rotation" (prefix tokens);
+    with ``prefix="zero"`` they get LlamaGen's all-zero table instead (cos = sin = 0: the
+    rotated query/key is 0).
     """
 
-    def __init__(self, head_dim: int, ndim: int = 1, base: float = 10000.0):
+    PREFIX_MODES = ("none", "zero")
+
+    def __init__(self, head_dim: int, ndim: int = 1, base: float = 10000.0, prefix: str = "none"):
         super().__init__()
         if ndim not in (1, 2):
             raise ValueError(f"RotaryEmbedding supports ndim 1 or 2, got {ndim}")
         if head_dim % (2 * ndim):
             raise ValueError(f"{ndim}D RoPE needs a head dim divisible by {2 * ndim}, got {head_dim}")
+        if prefix not in self.PREFIX_MODES:
+            raise ValueError(f"prefix rotation must be one of {self.PREFIX_MODES}, got {prefix!r}")
         self.head_dim, self.ndim, self.base = head_dim, ndim, base
+        self.prefix = prefix
 
     def inv_freq(self, device=None) -> torch.Tensor:
         """Per-axis frequencies ``base^(-2i/span)``, span = head_dim / ndim channels per axis.
@@ -111,7 +121,10 @@ class RotaryEmbedding(nn.Module):
         ang = (pf.unsqueeze(-1) * inv).flatten(-2)
         cos, sin = ang.cos(), ang.sin()
         none = (pos < 0).any(-1, keepdim=True)  # prefix tokens: identity rotation
-        cos = torch.where(none, torch.ones_like(cos), cos)
+        if self.prefix == "zero":  # LlamaGen: zero table rows, prefix queries/keys become 0
+            cos = torch.where(none, torch.zeros_like(cos), cos)
+        else:
+            cos = torch.where(none, torch.ones_like(cos), cos)
         sin = torch.where(none, torch.zeros_like(sin), sin)
         return cos, sin
 
@@ -262,19 +275,24 @@ class Transformer(nn.Module):
       RoPE it defaults to ``input_pos`` or ``arange(T)``.
     * ``cond``: the adaLN condition vector when built with ``adaln_dim`` (then a final
       zero-initialised shift/scale also modulates the last norm, as in DiT/VAR).
+    * ``prefix_rope``: rotation of tokens at negative positions: ``"none"`` (identity, the
+      default) or ``"zero"`` (LlamaGen's zero rotation; see :class:`RotaryEmbedding`).
     """
 
     def __init__(self, dim: int, depth: int, heads: int, ffn_multiple: int = 256, rope: str | None = "2d",
                  adaln_dim: int | None = None, dropout: float = 0.0, attn_dropout: float = 0.0,
                  rope_base: float = 10000.0, qkv_bias: bool = False, norm_eps: float = 1e-5,
-                 ffn_hidden: int | None = None):
+                 ffn_hidden: int | None = None, prefix_rope: str = "none"):
         super().__init__()
         if rope not in ("1d", "2d", None):
             raise ValueError(f"rope must be '1d', '2d' or None, got {rope!r}")
+        if prefix_rope not in RotaryEmbedding.PREFIX_MODES:
+            raise ValueError(f"prefix_rope must be one of {RotaryEmbedding.PREFIX_MODES}, got {prefix_rope!r}")
         self.dim, self.depth, self.heads = dim, depth, heads
         self.head_dim = dim // heads
         self.rope_kind = rope
-        self.rope = RotaryEmbedding(self.head_dim, 1 if rope == "1d" else 2, rope_base) if rope else None
+        self.rope = (RotaryEmbedding(self.head_dim, 1 if rope == "1d" else 2, rope_base, prefix_rope)
+                     if rope else None)
         self.layers = nn.ModuleList(
             Block(dim, heads, ffn_multiple, ffn_hidden, dropout, attn_dropout, adaln_dim, qkv_bias, norm_eps)
             for _ in range(depth))

@@ -20,7 +20,10 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def test_tensors_load_from_pt_and_safetensors(tmp_path):
-    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "a.pth")
+    import argparse
+
+    # LlamaGen / NAR save their argparse.Namespace beside the weights: plain data, allowed
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "a.pth")
     assert torch.equal(convert.unwrap(convert.load_source(tmp_path / "a.pth"))["w"], torch.ones(2))
     save_file({"w": torch.zeros(3)}, str(tmp_path / "b.safetensors"))
     assert convert.load_source(tmp_path / "b.safetensors")["w"].shape == (3,)

@@ -81,7 +81,9 @@ def load_source(path) -> dict:
 
         return load_file(str(p))
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        # argparse.Namespace: the training args LlamaGen/NAR save beside the weights (plain data)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
         raise ValueError(f"{p}: not loadable with torch.load(weights_only=True) ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); arzoo never unpickles arbitrary objects") from e
@@ -108,12 +110,11 @@ def convert(family: str, src, model_name: str, out=None, *, tokenizer=None, dtyp
     if not Path(src).is_file():
         raise FileNotFoundError(f"{src}: no such file")
     conv = find(family, model_name)
-    tok = None
-    if conv.needs_tokenizer:
-        if tokenizer is None:
-            raise ValueError(f"{family} {model_name}: pass --tokenizer (a converted tokenizer checkpoint): the "
-                             "generator takes its codebook from it")
-        tok = load_model(tokenizer, "tokenizer")
+    if conv.needs_tokenizer and tokenizer is None:
+        raise ValueError(f"{family} {model_name}: pass --tokenizer (a converted tokenizer checkpoint): the "
+                         "generator takes its codebook from it")
+    # a given tokenizer also fixes the token grid (e.g. LlamaGen's 384 px GPTs on a 24x24 VQ-16)
+    tok = load_model(tokenizer, "tokenizer") if tokenizer is not None else None
     spec = {"spec": tok.spec} if tok is not None else {}
     model = zoo.create(model_name, **{**conv.overrides, **spec})
     state = conv.fn(load_source(src), model, tokenizer=tok)
@@ -132,7 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="family", required=True, choices=FAMILIES)
     p.add_argument("--model", required=True, help="arzoo registry name, e.g. tokenizer/vq-16")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--tokenizer", help="converted tokenizer checkpoint (VAR generators)")
+    p.add_argument("--tokenizer", help="converted tokenizer checkpoint: required for VAR generators; for the "
+                                        "others it sets the token grid (e.g. 384 px LlamaGen GPTs)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     a = p.parse_args(argv)
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
