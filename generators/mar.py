@@ -24,7 +24,8 @@ Li, Tian, Li, Deng, He 2024, "Autoregressive Image Generation without Vector Qua
   step, none after the last); each step runs the trunk once and the head on the tokens
   revealed at that step. CFG doubles the batch with the null condition; the ``linear``
   schedule ramps ``1 + (cfg − 1)·(N − masked_after)/N`` in the revealed fraction (MAR/Muse;
-  here the count after the step, so the last step uses exactly ``cfg``).
+  here the count after the step, so the last step uses exactly ``cfg``; ``cfg_last_step="mar"``
+  keeps MAR's count of at least 1 there).
 
 Condition: the buffer holds the :class:`generators.conditioning.ConditionEncoder` prefix
 (class token, then caption tokens); slots beyond the prefix repeat the class token (MAR
@@ -244,6 +245,13 @@ class MAR(Generator):
         num_iter: default sampling steps (``SamplingConfig.extra["num_iter"]`` overrides).
         clip_denoised: clamp the head's predicted x_0 to the training range while sampling
             (not in MAR; on for the tiny config, see :mod:`generators.diffusion_head`).
+        latent_norm: per-channel standardisation of continuous tokens (``"none"`` in the
+            paper configs; :mod:`generators.latent_norm`).
+        cfg_last_step: the ``linear`` CFG schedule at the last sampling step. ``"full"``
+            (default): the count of tokens masked after the step is 0, so the last step uses
+            exactly ``cfg``. ``"mar"``: LTH14/mar ``sample_tokens``, whose count is clamped to
+            at least 1 (``mask_len >= 1``), so the last step uses ``1 + (cfg − 1)(N − 1)/N``;
+            ``arzoo convert --from mar`` sets it, so converted models sample as the reference.
 
     ``SamplingConfig.extra``: ``num_iter`` (trunk steps), ``head_steps`` (DDPM steps).
     """
@@ -259,8 +267,12 @@ class MAR(Generator):
                  class_dropout: float = 0.1, text_depth: int = 2, mask_ratio_min: float = 0.7,
                  head_width: int = 1024, head_depth: int = 6, diffusion_steps: int = 1000,
                  sampling_steps: int = 100, diffusion_batch_mul: int = 4, learn_sigma: bool = True,
-                 num_iter: int = 64, clip_denoised: bool = False, latent_norm: str = "none"):
+                 num_iter: int = 64, clip_denoised: bool = False, latent_norm: str = "none",
+                 cfg_last_step: str = "full"):
         super().__init__()
+        if cfg_last_step not in ("full", "mar"):
+            raise ValueError(f"cfg_last_step must be 'full' or 'mar', got {cfg_last_step!r}")
+        self.cfg_last_step = cfg_last_step
         self.spec = self._check_spec(spec)
         self.num_tokens = self.spec.num_tokens  # tokens to generate
         self.seq_len = self._seq_len()          # positions the trunk sees (Hi-MAR adds pivots)
@@ -418,7 +430,10 @@ class MAR(Generator):
             mask_in = mask
         z = self.backbone(x, buf, mask_in)
         zc, zu = z.chunk(2) if use_cfg else (z, None)
-        cfg = self._cfg_scale(sampling, cfg, N, int((mask & ~to_pred)[0].sum()))
+        masked_after = int((mask & ~to_pred)[0].sum())
+        if self.cfg_last_step == "mar":  # MAR's mask_len is never below 1 (see cfg_last_step)
+            masked_after = max(1, masked_after)
+        cfg = self._cfg_scale(sampling, cfg, N, masked_after)
         new = self._sample_head(zc[to_pred], zu[to_pred] if use_cfg else None, cfg, sampling, generator,
                                 head_steps)
         seq = seq.clone()

@@ -100,8 +100,9 @@ def unwrap(obj: dict, keys=("model", "state_dict", "module")) -> dict:
     return obj
 
 
-def convert(family: str, src, model_name: str, out=None, *, tokenizer=None, dtype=None):
-    """Build ``model_name``, fill it from ``src`` and (with ``out``) save it; returns the model."""
+def convert(family: str, src, model_name: str, out=None, *, tokenizer=None, dtype=None, weights=None):
+    """Build ``model_name``, fill it from ``src`` and (with ``out``) save it; returns the model.
+    ``weights``: which weights of a file holding two sets (MAR: ``"ema"`` (default) or ``"raw"``)."""
     import zoo
     from zoo.card import write_card
     from zoo.checkpoint import load_state_strict
@@ -117,7 +118,13 @@ def convert(family: str, src, model_name: str, out=None, *, tokenizer=None, dtyp
     tok = load_model(tokenizer, "tokenizer") if tokenizer is not None else None
     spec = {"spec": tok.spec} if tok is not None else {}
     model = zoo.create(model_name, **{**conv.overrides, **spec})
-    state = conv.fn(load_source(src), model, tokenizer=tok)
+    kw = {} if weights is None else {"weights": weights}
+    try:
+        state = conv.fn(load_source(src), model, tokenizer=tok, **kw)
+    except TypeError as e:
+        if weights is not None and "weights" in str(e):
+            raise ValueError(f"--weights: {family} {model_name} files hold one set of weights") from None
+        raise
     load_state_strict(model, state, str(src))
     model.registry_name = model_name
     model.pretrained_source = str(src)
@@ -136,9 +143,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="converted tokenizer checkpoint: required for VAR generators; for the "
                                         "others it sets the token grid (e.g. 384 px LlamaGen GPTs)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--weights", choices=("ema", "raw"), help="MAR checkpoints: EMA (default) or raw weights")
     a = p.parse_args(argv)
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
-    m = convert(a.family, a.src, a.model, a.out, tokenizer=a.tokenizer, dtype=dtype)
+    m = convert(a.family, a.src, a.model, a.out, tokenizer=a.tokenizer, dtype=dtype, weights=a.weights)
     print(f"converted {a.src} -> {a.model} ({sum(t.numel() for t in m.parameters()):,} params) -> {a.out}")
     return 0
 

@@ -3,29 +3,25 @@
 ::
 
     arzoo convert --from mar kl16.ckpt --model tokenizer/kl-16 --out ckpt/kl-16
-    arzoo convert --from mar checkpoint-last.pth --model generator/mar-b --out ckpt/mar-b
+    arzoo convert --from mar checkpoint-last.pth --model generator/mar-b --out ckpt/mar-b  # EMA
+    arzoo convert --from mar checkpoint-last.pth --model generator/mar-b --out ckpt/mar-b-raw --weights raw
 
 **KL-16** (``models/vae.py`` ``AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))``, the
 LDM KL-VAE; the file holds ``{"model": state_dict}``) -> ``tokenizer/kl-16``
 (:class:`tokenizers_vis.kl.KLTokenizer` on diffusers' ``Encoder`` / ``Decoder``):
 
-=========================================  =================================================
-reference                                   arzoo
-=========================================  =================================================
-``encoder.down.i.block.j.*``                ``encoder.down_blocks.i.resnets.j.*``
-``*.nin_shortcut``                          ``*.conv_shortcut`` (1x1 conv, as is)
-``encoder.down.i.attn.j.norm/q/k/v/         ``encoder.down_blocks.i.attentions.j.group_norm/
-proj_out``                                  to_q/to_k/to_v/to_out.0`` (1x1 convs -> linears)
-``encoder.down.i.downsample.conv``          ``encoder.down_blocks.i.downsamplers.0.conv``
-``{en,de}coder.mid.block_1/attn_1/block_2``  ``{en,de}coder.mid_block.resnets.0/attentions.0/
-                                            resnets.1``
-``{en,de}coder.norm_out``                   ``{en,de}coder.conv_norm_out``
-``decoder.up.i.block.j`` / ``.upsample``     ``decoder.up_blocks.(n-1-i).resnets.j`` /
-                                            ``.upsamplers.0`` (diffusers counts from the
-                                            lowest resolution)
-``quant_conv``                              ``quantizer.quant_conv`` (1x1, 2·16 -> 2·16 moments)
-``conv_in/conv_out/post_quant_conv``        same names
-=========================================  =================================================
+* ``encoder.down.i.block.j.*`` -> ``encoder.down_blocks.i.resnets.j.*`` (``nin_shortcut`` ->
+  ``conv_shortcut``, the same 1x1 conv);
+* ``encoder.down.i.attn.j.{norm,q,k,v,proj_out}`` -> ``encoder.down_blocks.i.attentions.j.
+  {group_norm,to_q,to_k,to_v,to_out.0}`` (the 1x1 conv weights squeezed to linear weights);
+* ``encoder.down.i.downsample.conv`` -> ``encoder.down_blocks.i.downsamplers.0.conv``;
+* ``{en,de}coder.mid.{block_1,attn_1,block_2}`` -> ``{en,de}coder.mid_block.{resnets.0,
+  attentions.0,resnets.1}``; ``{en,de}coder.norm_out`` -> ``{en,de}coder.conv_norm_out``;
+* ``decoder.up.i.block.j`` / ``decoder.up.i.upsample.conv`` -> ``decoder.up_blocks.(n-1-i).
+  resnets.j`` / ``.upsamplers.0.conv`` (the reference indexes levels from the highest
+  resolution, diffusers' ``up_blocks`` from the lowest);
+* ``quant_conv`` (1x1, 2·16 -> 2·16 moments) -> ``quantizer.quant_conv``; ``conv_in``,
+  ``conv_out``, ``post_quant_conv`` keep their names.
 
 Loss / discriminator tensors (``loss.*``, ``discriminator.*``) are dropped. Latent scale: MAR
 trains on ``posterior * 0.2325`` and decodes ``tokens / 0.2325``; ``tokenizer/kl-16`` has
@@ -37,23 +33,20 @@ trains on ``posterior * 0.2325`` and decodes ``tokens / 0.2325``; ``tokenizer/kl
 (:class:`generators.mar.MAR`). The EMA weights are taken by default (MAR evaluates with
 them); :func:`convert_mar` with ``ema=False`` takes the raw ones. A flat state dict (the
 Hugging Face ``mar-base.safetensors`` / ``kl16.safetensors`` re-uploads) works as well.
+(``checkpoint-*.pth`` also pickles the training ``args``, an ``argparse.Namespace``: the one
+class besides tensors and containers that :func:`zoo.convert.load_source` lets through.)
 
-=========================================  =================================================
-``class_emb.weight`` (K, D) + ``fake_latent``  ``cond_encoder.classes.table.weight`` (K + 1, D):
-(1, D)                                      the fake latent is the null class (last row)
-``z_proj`` / ``z_proj_ln``                  ``embed.embed`` / ``backbone.in_norm``
-``encoder_pos_embed_learned``               ``backbone.enc_pos``
-``decoder_pos_embed_learned``               ``backbone.dec_pos``
-``diffusion_pos_embed_learned``             ``backbone.head_pos``
-``encoder_blocks/encoder_norm/decoder_embed/  ``backbone.`` + same names (timm ``Block``)
-mask_token/decoder_blocks/decoder_norm``
-``diffloss.net.time_embed/cond_embed/        ``head.net.`` + same names
-input_proj``
-``diffloss.net.res_blocks.i.in_ln/mlp/       ``head.net.blocks.i.norm/mlp/ada.1``
-adaLN_modulation.1``
-``diffloss.net.final_layer.linear``          ``head.net.out``
-``diffloss.net.final_layer.adaLN_modulation.1``  ``head.net.final_ada.1``
-=========================================  =================================================
+* ``class_emb.weight`` (K, D) and ``fake_latent`` (1, D) -> ``cond_encoder.classes.table.weight``
+  (K + 1, D): the fake latent is the null class (the last row);
+* ``z_proj`` -> ``embed.embed``; ``z_proj_ln`` -> ``backbone.in_norm``;
+* ``encoder_pos_embed_learned`` / ``decoder_pos_embed_learned`` / ``diffusion_pos_embed_learned``
+  -> ``backbone.enc_pos`` / ``backbone.dec_pos`` / ``backbone.head_pos``;
+* ``encoder_blocks``, ``encoder_norm``, ``decoder_embed``, ``mask_token``, ``decoder_blocks``,
+  ``decoder_norm`` -> ``backbone.`` + the same name (both are timm ``Block``);
+* ``diffloss.net.{time_embed,cond_embed,input_proj}`` -> ``head.net.`` + the same name;
+* ``diffloss.net.res_blocks.i.{in_ln,mlp,adaLN_modulation.1}`` -> ``head.net.blocks.i.
+  {norm,mlp,ada.1}``;
+* ``diffloss.net.final_layer.{linear,adaLN_modulation.1}`` -> ``head.net.{out,final_ada.1}``.
 
 ``head.target_absmax`` (arzoo's ``clip_denoised`` range, unused: off in the paper configs)
 keeps the model's zeros. The condition buffer matches MAR for class conditioning: MAR writes
@@ -64,19 +57,14 @@ prefix repeated into every slot -- the same tensor. Converted generators are bui
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import contextvars
 import re
 
 import torch
 
-from zoo.convert import convert, register
+from zoo.convert import convert, register, unwrap
 
 #: tensors of the training losses that some KL checkpoints carry (LDM: LPIPS + PatchGAN)
 DROP_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.", "lpips.")
-
-_EMA = contextvars.ContextVar("mar_ema", default=True)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -177,7 +165,7 @@ def convert_kl_state(state: dict, num_levels: int) -> dict:
 @register("mar", ("tokenizer/kl-",))
 def mar_kl(state: dict, model, tokenizer=None) -> dict:
     """``kl16.ckpt`` (``{"model": ...}``, or a flat state dict) -> ``tokenizer/kl-16``."""
-    sd = _tensors(_strip_module(_unwrap(state, ("model", "state_dict", "module"))), "MAR KL-VAE checkpoint")
+    sd = _tensors(_strip_module(unwrap(state)), "MAR KL-VAE checkpoint")
     return convert_kl_state(sd, len(model.decoder.up_blocks))
 
 
@@ -256,44 +244,24 @@ def convert_mar_state(sd: dict, model) -> dict:
 
 
 @register("mar", ("generator/mar-",), overrides={"cfg_last_step": "mar"})
-def mar_generator(state: dict, model, tokenizer=None, ema: bool | None = None) -> dict:
-    """``checkpoint-last.pth`` (EMA weights unless ``ema=False``) or a flat MAR state dict ->
-    ``generator/mar-{b,l,h}``."""
-    ema = _EMA.get() if ema is None else ema
+def mar_generator(state: dict, model, tokenizer=None, weights: str = "ema") -> dict:
+    """``checkpoint-last.pth`` (EMA weights unless ``weights="raw"``) or a flat MAR state dict
+    -> ``generator/mar-{b,l,h}``."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    ema = weights == "ema"
     obj = state
     if "module" in obj and isinstance(obj["module"], dict):
         obj = obj["module"]
     return convert_mar_state(select_weights(obj, ema), model)
 
 
-def _unwrap(obj: dict, keys) -> dict:
-    for k in keys:
-        if k in obj and isinstance(obj[k], dict):
-            return _unwrap(obj[k], keys)
-    return obj
-
-
 # ---- entry point -----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def allow_namespace():
-    """Let ``torch.load(weights_only=True)`` rebuild ``argparse.Namespace``: MAR's
-    ``checkpoint-*.pth`` stores its training ``args`` as one (a plain attribute bag of
-    strings and numbers; no code runs). Everything else stays refused."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        yield
-
-
 def convert_mar(src, model_name: str, out=None, *, ema: bool = True, dtype=None):
-    """:func:`zoo.convert.convert` for MAR files, with the choice of EMA (default) or raw
-    weights and ``checkpoint-*.pth`` files (whose ``args`` Namespace weights_only refuses)."""
-    token = _EMA.set(bool(ema))
-    try:
-        with allow_namespace():
-            return convert("mar", src, model_name, out, dtype=dtype)
-    finally:
-        _EMA.reset(token)
+    """:func:`zoo.convert.convert` for MAR files: ``ema=True`` (the default, as ``arzoo convert``)
+    takes ``model_ema``, ``ema=False`` the raw ``model`` (``arzoo convert --weights raw``)."""
+    return convert("mar", src, model_name, out, dtype=dtype, weights="ema" if ema else "raw")
 
 
-__all__ = ["convert_kl_state", "convert_mar", "convert_mar_state", "kl_key", "mar_key", "select_weights",
-           "allow_namespace"]
+__all__ = ["convert_kl_state", "convert_mar", "convert_mar_state", "kl_key", "mar_key", "select_weights"]
