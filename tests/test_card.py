@@ -38,3 +38,13 @@ def test_every_shipped_checkpoint_has_its_card():
 def test_card_of_a_generator_names_its_tokenizer():
     g = zoo.create("generator/nar-tiny", pretrained="shapes")
     assert "`tokenizer/vq-tiny:shapes`" in model_card(g)
+
+
+def test_export_trained_on_records_the_tokenizer(tmp_path):
+    g = zoo.create("generator/nar-tiny", pretrained="shapes")
+    g.trained_on = None
+    g.save_pretrained(tmp_path / "run")
+    assert arzoo(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--trained-on", "tokenizer/vq-tiny:shapes"]) == 0
+    tok = zoo.create("tokenizer/vq-tiny", pretrained="shapes")
+    assert load_pretrained(tmp_path / "out").trained_on == {"name": "tokenizer/vq-tiny:shapes",
+                                                            "fingerprint": zoo.checkpoint.fingerprint(tok)}

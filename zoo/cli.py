@@ -104,6 +104,11 @@ def cmd_export(args) -> int:
     model = load_pretrained(args.src)
     if args.name:
         model.registry_name = args.name
+    if args.trained_on:  # runs whose shards predate the recorded fingerprint
+        from zoo.checkpoint import fingerprint
+        from zoo.pipeline import load_model
+
+        model.trained_on = {"name": args.trained_on, "fingerprint": fingerprint(load_model(args.trained_on, "tokenizer"))}
     dtype = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     model.save_pretrained(args.dst, dtype=dtype)
     from zoo.card import write_card
@@ -172,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst")
     q.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     q.add_argument("--name", help="registry name to record in config.json")
+    q.add_argument("--trained-on", metavar="TOKENIZER",
+                   help="record this tokenizer (name:tag or folder) as the one the generator was trained on")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that is not a checkpoint")
     q.set_defaults(func=cmd_export)
     for name, (_, helptext) in PASSTHROUGH.items():
