@@ -134,7 +134,8 @@ def write_between_markers(path: Path, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.leaderboard", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/leaderboard", help="per-row result cache (resumable)")
-    p.add_argument("--only", default="", help="comma-separated row keys or generator names (default: all)")
+    p.add_argument("--only", default="", help="measure only these rows (comma-separated keys or generator names); "
+                                              "the others show cached results of the same settings and weights")
     p.add_argument("--num", type=int, default=2000, help="samples per row (accuracy and FID on the same images)")
     p.add_argument("--num-slow", type=int, default=None,
                    help="samples for the slow (continuous) rows; default --num. Shapes-FID depends on N: compare "
@@ -152,14 +153,16 @@ def main(argv=None) -> int:
         if n is not None and n < 30:
             raise SystemExit(f"{flag} must be >= 30 (one sample per Shapes class at least), got {n}")
     only = {s.strip() for s in a.only.split(",") if s.strip()}
-    rows = [r for r in ROWS if not only or r.key in only or r.generator.split(":")[0].split("/")[-1] in only]
-    if not rows:
+    chosen = [r for r in ROWS if not only or r.key in only or r.generator.split(":")[0].split("/")[-1] in only]
+    if not chosen:
         raise SystemExit(f"--only {a.only!r} matches no row; rows: {', '.join(r.key for r in ROWS)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = ensure_ref(Path(a.ref))
     results = {}
-    for r in rows:
+    # every row is listed; rows outside --only show a cached result of the same settings and
+    # weights if there is one, else "not measured"
+    for r in ROWS:
         num = a.num_slow if r.slow and a.num_slow else a.num
         ident = {"row": asdict(r), "num": num, "seed": a.seed, "batch_size": a.batch_size,
                  "weights": _weights_id(r.generator), "tokenizer_weights": _weights_id(r.tokenizer)}
@@ -169,13 +172,15 @@ def main(argv=None) -> int:
             if saved.get("ident") == ident:
                 results[r.key] = saved["metrics"]
                 continue
+        if r not in chosen:
+            continue
         torch.manual_seed(0)
         print(f"[leaderboard] {r.generator}: sampling {num} images", file=sys.stderr, flush=True)
         results[r.key] = measure(r, num=num, ref=ref, seed=a.seed, batch_size=a.batch_size)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ident": ident, "metrics": results[r.key]}, indent=2))
         tmp.replace(cache)
-    text = table(rows, results)
+    text = table(ROWS, results)
     print(text)
     if a.write:
         cmd = "python -m eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])
