@@ -62,6 +62,7 @@ import re
 import torch
 
 from zoo.convert import convert, register, unwrap
+from zoo.convert.ldm import ldm_key, squeeze_1x1
 
 #: tensors of the training losses that some KL checkpoints carry (LDM: LPIPS + PatchGAN)
 DROP_PREFIXES = ("loss.", "discriminator.", "perceptual_loss.", "lpips.")
@@ -91,54 +92,13 @@ def _fail_unmapped(unmapped: list, what: str) -> None:
 
 # ---- KL-16 -----------------------------------------------------------------------------------
 
-_RES = r"(norm1|conv1|norm2|conv2|nin_shortcut)\.(weight|bias)"
-_ATT = r"(norm|q|k|v|proj_out)\.(weight|bias)"
-_ATT_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-
-
-def _res(part: str) -> str:
-    return "conv_shortcut" if part == "nin_shortcut" else part
-
-
 def kl_key(key: str, num_levels: int) -> tuple[str, bool] | None:
     """Reference ``AutoencoderKL`` key -> (arzoo key, is a 1x1 attention conv weight), or None."""
     if key in ("quant_conv.weight", "quant_conv.bias"):
         return "quantizer." + key, False
-    if key.startswith("post_quant_conv.") or re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)",
-                                                          key):
+    if key.startswith("post_quant_conv."):
         return key, False
-    m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
-    if m:
-        return f"{m[1]}.conv_norm_out.{m[2]}", False
-    m = re.fullmatch(rf"(encoder|decoder)\.mid\.block_([12])\.{_RES}", key)
-    if m:
-        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_res(m[3])}.{m[4]}", False
-    m = re.fullmatch(rf"(encoder|decoder)\.mid\.attn_1\.{_ATT}", key)
-    if m:
-        return f"{m[1]}.mid_block.attentions.0.{_ATT_NAMES[m[2]]}.{m[3]}", m[2] != "norm" and m[3] == "weight"
-    m = re.fullmatch(rf"encoder\.down\.(\d+)\.block\.(\d+)\.{_RES}", key)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_res(m[3])}.{m[4]}", False
-    m = re.fullmatch(rf"encoder\.down\.(\d+)\.attn\.(\d+)\.{_ATT}", key)
-    if m:
-        return (f"encoder.down_blocks.{m[1]}.attentions.{m[2]}.{_ATT_NAMES[m[3]]}.{m[4]}",
-                m[3] != "norm" and m[4] == "weight")
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)", key)
-    if m:
-        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}", False
-    # the reference's decoder.up[i] is level i (highest resolution first); diffusers' up_blocks
-    # run from the lowest resolution, so level i is up_blocks[n - 1 - i]
-    m = re.fullmatch(rf"decoder\.up\.(\d+)\.block\.(\d+)\.{_RES}", key)
-    if m:
-        return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.resnets.{m[2]}.{_res(m[3])}.{m[4]}", False
-    m = re.fullmatch(rf"decoder\.up\.(\d+)\.attn\.(\d+)\.{_ATT}", key)
-    if m:
-        return (f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.attentions.{m[2]}.{_ATT_NAMES[m[3]]}.{m[4]}",
-                m[3] != "norm" and m[4] == "weight")
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", key)
-    if m:
-        return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}", False
-    return None
+    return ldm_key(key, num_levels)
 
 
 def convert_kl_state(state: dict, num_levels: int) -> dict:
@@ -153,11 +113,7 @@ def convert_kl_state(state: dict, num_levels: int) -> dict:
             unmapped.append(k)
             continue
         name, squeeze = hit
-        if squeeze:  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-            if v.dim() != 4 or v.shape[2:] != (1, 1):
-                raise ValueError(f"{k}: expected a 1x1 conv weight, got shape {tuple(v.shape)}")
-            v = v.reshape(v.shape[0], v.shape[1])
-        out[name] = v
+        out[name] = squeeze_1x1(k, v) if squeeze else v
     _fail_unmapped(unmapped, "MAR KL-VAE checkpoint")
     return out
 

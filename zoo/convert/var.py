@@ -56,102 +56,51 @@ import re
 import torch
 
 from zoo.convert import register, unwrap
+from zoo.convert.ldm import ldm_key, squeeze_1x1
 
 # ---- VQVAE -----------------------------------------------------------------------------------
 
-_RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-
-
-def _resnet(rest: str) -> str:
-    """``norm1.weight`` / ``nin_shortcut.bias`` ... inside a ResnetBlock -> diffusers' names."""
-    mod, _, leaf = rest.partition(".")
-    if mod not in _RES or leaf not in ("weight", "bias"):
-        raise KeyError(rest)
-    return f"{_RES[mod]}.{leaf}"
-
-
-def _attention(prefix: str, tensors: dict, out: dict, where: str) -> None:
-    """VAR ``AttnBlock`` tensors (``norm``, fused 1x1 ``qkv``, ``proj_out``) -> diffusers ``Attention``."""
-    need = {"norm.weight", "norm.bias", "qkv.weight", "qkv.bias", "proj_out.weight", "proj_out.bias"}
-    if set(tensors) != need:
-        raise ValueError(f"{where}: attention block has tensors {sorted(tensors)}, expected {sorted(need)}")
-    out[f"{prefix}.group_norm.weight"] = tensors["norm.weight"]
-    out[f"{prefix}.group_norm.bias"] = tensors["norm.bias"]
-    w, b = tensors["qkv.weight"], tensors["qkv.bias"]
-    if w.dim() != 4 or w.shape[0] % 3 or tuple(w.shape[2:]) != (1, 1):
-        raise ValueError(f"{where}.qkv.weight: expected a (3C, C, 1, 1) conv, got {tuple(w.shape)}")
-    for name, wi, bi in zip(("to_q", "to_k", "to_v"), w.flatten(1).chunk(3, 0), b.chunk(3, 0)):
-        out[f"{prefix}.{name}.weight"] = wi.contiguous()
-        out[f"{prefix}.{name}.bias"] = bi.contiguous()
-    out[f"{prefix}.to_out.0.weight"] = tensors["proj_out.weight"].flatten(1).contiguous()
-    out[f"{prefix}.to_out.0.bias"] = tensors["proj_out.bias"]
-
-
-_ENC_DOWN = re.compile(r"encoder\.down\.(\d+)\.(block|attn)\.(\d+)\.(.+)")
-_ENC_DS = re.compile(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)")
-_DEC_UP = re.compile(r"decoder\.up\.(\d+)\.(block|attn)\.(\d+)\.(.+)")
-_DEC_US = re.compile(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)")
-_MID = re.compile(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.+)")
 _PHI = re.compile(r"quantize\.quant_resi\.qresi_ls\.(\d+)\.(weight|bias)")
 _VAE_DROP = ("quantize.ema_vocab_hit_SV",)
 
 
-def vqvae_state(state: dict, num_levels: int) -> dict:
-    """A VAR ``VQVAE`` state dict -> :class:`MultiScaleVQTokenizer` names (``num_levels`` =
-    ``len(ch_mult)``, to reverse the decoder's level order)."""
-    state = unwrap(state)
-    out: dict = {}
-    attn: dict = {}  # arzoo prefix -> {VAR sub-name: tensor}, split once complete
-    unknown = []
+def _split_qkv(state: dict) -> dict:
+    """VAR's attention fuses q, k, v in one 1x1 conv ``qkv`` (3C, C, 1, 1): split it into the
+    LDM layout's ``q`` / ``k`` / ``v`` (VAR's ``reshape(B, 3, C, H, W)`` order)."""
+    out = {}
     for k, v in state.items():
-        if k in _VAE_DROP:
-            continue
-        if m := _ENC_DOWN.fullmatch(k):
-            i, kind, j, rest = m.groups()
-            pre = f"encoder.down_blocks.{i}.{'resnets' if kind == 'block' else 'attentions'}.{j}"
-        elif m := _DEC_UP.fullmatch(k):
-            i, kind, j, rest = m.groups()
-            lvl = num_levels - 1 - int(i)
-            if lvl < 0:
-                raise ValueError(f"{k}: decoder level {i} but the model has {num_levels} levels")
-            pre = f"decoder.up_blocks.{lvl}.{'resnets' if kind == 'block' else 'attentions'}.{j}"
-        elif m := _MID.fullmatch(k):
-            part, blk, rest = m.groups()
-            kind = "attn" if blk == "attn_1" else "block"
-            pre = f"{part}.mid_block." + {"block_1": "resnets.0", "block_2": "resnets.1", "attn_1": "attentions.0"}[blk]
-        elif m := _ENC_DS.fullmatch(k):
-            out[f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"] = v
-            continue
-        elif m := _DEC_US.fullmatch(k):
-            out[f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"] = v
-            continue
-        elif m := _PHI.fullmatch(k):
-            out[f"quantizer.phis.{m[1]}.conv.{m[2]}"] = v
-            continue
-        elif k == "quantize.embedding.weight":
-            out["quantizer.vq.embedding.weight"] = v
-            continue
-        elif re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)", k) or \
-                re.fullmatch(r"(post_)?quant_conv\.(weight|bias)", k):
+        m = re.fullmatch(r"(.+)\.qkv\.(weight|bias)", k)
+        if not m:
             out[k] = v
             continue
-        elif m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", k):
-            out[f"{m[1]}.conv_norm_out.{m[2]}"] = v
+        if v.shape[0] % 3 or (m[2] == "weight" and (v.dim() != 4 or tuple(v.shape[2:]) != (1, 1))):
+            raise ValueError(f"{k}: expected a (3C, C, 1, 1) conv, got {tuple(v.shape)}")
+        for name, part in zip("qkv", v.chunk(3, 0)):
+            out[f"{m[1]}.{name}.{m[2]}"] = part.contiguous()
+    return out
+
+
+def vqvae_state(state: dict, num_levels: int) -> dict:
+    """A VAR ``VQVAE`` state dict -> :class:`MultiScaleVQTokenizer` names (``num_levels`` =
+    ``len(ch_mult)``, to reverse the decoder's level order); the encoder/decoder follow the
+    LDM layout (:mod:`zoo.convert.ldm`)."""
+    out: dict = {}
+    unknown = []
+    for k, v in _split_qkv(unwrap(state)).items():
+        if k in _VAE_DROP:
             continue
+        if m := _PHI.fullmatch(k):
+            out[f"quantizer.phis.{m[1]}.conv.{m[2]}"] = v
+        elif k == "quantize.embedding.weight":
+            out["quantizer.vq.embedding.weight"] = v
+        elif re.fullmatch(r"(post_)?quant_conv\.(weight|bias)", k):
+            out[k] = v
+        elif hit := ldm_key(k, num_levels):
+            out[hit[0]] = squeeze_1x1(k, v) if hit[1] else v
         else:
             unknown.append(k)
-            continue
-        if kind == "attn":
-            attn.setdefault(pre, {})[rest] = v
-        else:
-            try:
-                out[f"{pre}.{_resnet(rest)}"] = v
-            except KeyError:
-                unknown.append(k)
     if unknown:
         raise ValueError(f"VAR VQVAE checkpoint: unknown tensors {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-    for pre, tensors in attn.items():
-        _attention(pre, tensors, out, pre)
     return out
 
 
