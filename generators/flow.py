@@ -19,6 +19,10 @@ What is here:
 * :func:`time_grid` -- the integration grid from 1 to 0 (uniform, optional SD3 time shift,
   optional early stop ``t_stop`` followed by one last step to 0, as in xAR's sampler);
 * :func:`cfg_velocity` -- classifier-free guidance on the velocity, ``u + s·(c − u)``;
+* :func:`apg` -- adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416, Alg. 1): CFG
+  whose update is clipped in norm and split into the parts parallel / orthogonal to the
+  conditional prediction, with the parallel part (the cause of over-saturation) scaled by
+  ``eta`` (FlexTok's and COMiT's decoders guide with it);
 * :func:`euler_sample` (probability-flow ODE) and :func:`euler_maruyama_sample` (the
   reverse SDE with diffusion ``w(t) = 2t``, SiT §2.3 / xAR's ``euler_maruyama_sampler``)
   over a velocity function; every deterministic Euler update (with its CFG) is
@@ -144,6 +148,30 @@ def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale) -> torch.T
     return cfg_logits(v_cond, v_uncond, scale)  # the same formula as on logits
 
 
+def apg(cond: torch.Tensor, uncond: torch.Tensor, scale, *, eta: float = 0.0,
+        norm_threshold: float = 0.0) -> torch.Tensor:
+    """Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416, §4 / Alg. 1), per sample.
+
+    ``d = c − u``; if ``norm_threshold > 0``, ``d`` is rescaled to norm at most the threshold
+    (§4.2, "rescaling"); ``d = d_⊥ + eta·d_∥`` with ``d_∥`` the projection of ``d`` on ``c``
+    (§4.1); returns ``c + (scale − 1)·d``. With ``eta = 1`` and no threshold it equals
+    :func:`cfg_velocity`. Norms and projections are taken over all non-batch dimensions.
+    Deviation: the paper's optional momentum on ``d`` (§4.3) is not implemented (its
+    authors' default for flow models is off).
+    """
+    if not 0.0 <= eta <= 1.0 or norm_threshold < 0:
+        raise ValueError(f"apg: expected 0 <= eta <= 1 and norm_threshold >= 0, got {eta}, {norm_threshold}")
+    dims = tuple(range(1, cond.dim()))
+    c32, d = cond.float(), (cond - uncond).float()
+    if norm_threshold > 0:
+        norm = d.norm(dim=dims, keepdim=True)
+        d = d * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
+    unit = c32 / c32.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+    d_par = (d * unit).sum(dim=dims, keepdim=True) * unit
+    d = (d - d_par) + eta * d_par
+    return (c32 + (scale - 1.0) * d).to(cond.dtype)
+
+
 def _split(out):
     """A velocity function's output -> ``(v_cond, v_uncond or None)``."""
     if isinstance(out, (tuple, list)):
@@ -261,6 +289,7 @@ class TimestepEmbedding(nn.Module):
 __all__ = [
     "SAMPLERS",
     "TimestepEmbedding",
+    "apg",
     "cfg_velocity",
     "euler_maruyama_sample",
     "euler_sample",

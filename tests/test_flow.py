@@ -173,3 +173,17 @@ def test_timestep_embedding_shapes_and_sensitivity():
     torch.testing.assert_close(e[0, 1], e[0, 2])
     torch.testing.assert_close(e[0, 0], e[1, 2])
     assert not torch.allclose(e[0, 1], e[1, 1])
+
+
+def test_apg_matches_cfg_at_eta_one_and_removes_parallel_part():
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    torch.testing.assert_close(flow.apg(c, u, 3.0, eta=1.0), flow.cfg_velocity(c, u, 3.0))
+    out = flow.apg(c, u, 3.0, eta=0.0)
+    upd = (out - c).flatten(1)
+    # the update (scale - 1) * d_perp is orthogonal to the conditional prediction, per sample
+    torch.testing.assert_close((upd * c.flatten(1)).sum(1), torch.zeros(3), atol=1e-4, rtol=0)
+    clipped = flow.apg(c, u, 3.0, eta=1.0, norm_threshold=0.1)
+    assert torch.all((clipped - c).flatten(1).norm(dim=1) <= 2.0 * 0.1 + 1e-5)
+    with pytest.raises(ValueError):
+        flow.apg(c, u, 2.0, eta=2.0)
