@@ -22,7 +22,9 @@ Random-init weights by default (the timing does not depend on the weights; image
 not measured here); ``--pretrained`` loads shipped weights where a model has them. Later
 generators add rows by registering a ``generator/*-tiny`` entry; ``--pair G T`` picks pairs
 explicitly, ``--grid HxW`` changes the generator's token grid (the tokenizer is kept, so
-decoding is skipped when its grid differs), ``--batch N`` the batch size.
+decoding is skipped when its grid differs; for pyramid tokens ``HxW`` is the top scale and the
+scales below follow VAR's 256-px schedule 1, 2, 3, 4, 5, 6, 8, 10, 13, 16 up to it, so
+``--grid 16x16`` is VAR-d16's pyramid), ``--batch N`` the batch size.
 """
 from __future__ import annotations
 
@@ -252,12 +254,25 @@ def default_pairs(generators: str = "generator/*-tiny", tokenizers: str = "token
     return pairs, skipped
 
 
+VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's patch_nums at 256 px
+
+
+def pyramid_to(top: tuple[int, int]) -> list[tuple[int, int]]:
+    """Square scales of VAR's schedule below a square ``top`` scale, then ``top`` itself."""
+    h, w = top
+    if h != w:
+        raise ValueError(f"--grid for pyramid tokens takes a square top scale, got {h}x{w}")
+    return [(s, s) for s in VAR_SCALES if s < h] + [(h, w)]
+
+
 def _with_grid(spec, grid: tuple[int, int]):
+    if spec.layout == "pyramid":
+        return dataclasses.replace(spec, shape=tuple(pyramid_to(grid)))
     if spec.layout == "grid":
         return dataclasses.replace(spec, shape=tuple(grid))
     if spec.layout == "sequence":
         return dataclasses.replace(spec, shape=(grid[0] * grid[1],))
-    raise ValueError(f"--grid applies to grid or sequence tokens, not {spec.describe()}")
+    raise ValueError(f"--grid applies to grid, sequence or pyramid tokens, not {spec.describe()}")
 
 
 def _load(name: str, pretrained: bool, **overrides):

@@ -120,7 +120,8 @@ class NextScaleAR(Generator):
         init_adaln, init_adaln_gamma: VAR's init: adaLN scale/shift weights x0.5, gate weights
             x``init_adaln_gamma`` (1e-3 for d16/d20, 1e-4 d24, 1e-5 d30) -- near adaLN-zero.
         train_chunks: MVAR only: consecutive scale groups (e.g. ``[[0..7], [8], [9]]``) whose
-            losses are computed one at a time (see module doc).
+            losses are computed one at a time (see module doc); ``"mvar"`` is MVAR's trainer rule
+            for any number of scales S: ``[[0..S−3], [S−2], [S−1]]``.
         chunk_schedule: ``"sum"`` or ``"cycle"`` (MVAR's one step per chunk; module doc).
         na_impl: ``"gather"`` (O(N k²) memory kernel) or ``"mask"`` (dense SDPA mask).
         fhat: ``"tokenizer"`` (frozen codebook + φ of the tokenizer) or ``"learned"``.
@@ -215,6 +216,11 @@ class NextScaleAR(Generator):
     def _check_chunks(self, chunks):
         if chunks is None:
             return None
+        if chunks == "mvar":  # MVAR's trainer: all but the last two scales together, then each alone
+            S = self.num_scales
+            chunks = [list(range(S - 2)), [S - 2], [S - 1]] if S > 2 else [[s] for s in range(S)]
+        elif isinstance(chunks, str):
+            raise ValueError(f"train_chunks: expected a list of scale groups or 'mvar', got {chunks!r}")
         if self.mode != "mvar":
             raise ValueError("train_chunks needs mode='mvar': VAR's block-causal scales share K/V and "
                              "cannot be trained in separate chunks")
@@ -536,7 +542,7 @@ TINY = {"spec": TINY_SPEC, "num_classes": 30, "depth": 6, "dim": 128, "heads": 4
         "class_dropout": 0.1, "init_adaln_gamma": 1e-3, "fhat": "tokenizer", "head_bias": True, "init_head": 0.02}
 # MVAR on the tiny pyramid: 3x3 neighbourhoods on the last two scales (6x6, 8x8); chunks as
 # MVAR's trainer (all but the spatial scales together, then each spatial scale alone).
-TINY_MVAR = {"mode": "mvar", "markov_kernel": 3, "markov_scales": 2, "train_chunks": [[0, 1, 2, 3], [4], [5]],
+TINY_MVAR = {"mode": "mvar", "markov_kernel": 3, "markov_scales": 2, "train_chunks": "mvar",
              "chunk_schedule": "cycle"}
 
 VAR_SPEC = TokenSpec("discrete", "pyramid", [(p, p) for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)],
@@ -550,7 +556,7 @@ def _paper(depth: int, gamma: float, **kw) -> dict:
 
 
 _PAPER_MVAR = {"mode": "mvar", "markov_kernel": 7, "markov_scales": 2,
-               "train_chunks": [list(range(8)), [8], [9]], "chunk_schedule": "cycle"}
+               "train_chunks": "mvar", "chunk_schedule": "cycle"}
 
 
 @register("generator/var-tiny", paper=PAPER_VAR, weights={"shapes": "weights/generator-var-tiny"},

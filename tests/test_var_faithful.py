@@ -125,3 +125,15 @@ def test_train_generator_attaches_the_shards_tokenizer(tmp_path, msvq, fresh_acc
     for k, v in msvq.quantizer.state_dict().items():
         assert torch.equal(g.vq_proxy.state_dict()[k], v), k
     assert g.trained_on["fingerprint"] == zoo.checkpoint.fingerprint(msvq)
+
+
+def test_mvar_train_chunks_rule_follows_the_scale_count():
+    import zoo
+    from zoo.tokens import TokenSpec
+    for top, want in ((8, ((0, 1, 2, 3, 4), (5,), (6,))), (16, (tuple(range(8)), (8,), (9,)))):
+        scales = [(s, s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) if s < top] + [(top, top)]
+        spec = TokenSpec("discrete", "pyramid", scales, vocab_size=64)
+        g = zoo.create("generator/mvar-tiny", spec=spec, fhat="learned")
+        assert g.chunks == want
+    with pytest.raises(ValueError):
+        zoo.create("generator/mvar-tiny", train_chunks="all")
