@@ -59,7 +59,6 @@ from generators.mar import (
     mask_from_order,
     random_orders,
     reveal_plan,
-    truncated_mask_ratio,
 )
 from zoo.registry import register
 from zoo.tokens import IncompatibleTokens, Tokens, TokenSpec, expect_tokens
@@ -81,6 +80,8 @@ class HiMAR(MAR):
         dit_batch_mul: repeats of each map in the DiT loss (reference default 1).
         pivot_loss_weight, token_loss_weight: 2.0 and 0.75 (times P/(P+N) and N/(P+N)).
         clip_denoised: clamp both heads' predicted x_0 to the training range (tiny: on).
+        mask_ratio_dist: phase-1 (pivot) training mask ratio, as MAR's (phase 2 always draws
+            Hi-MAR's cosine ratio).
 
     ``SamplingConfig.extra``: ``pivot_iter``, ``num_iter``, ``pivot_cfg`` (phase-1 guidance,
     the reference's ``re_cfg``; default ``cfg``), ``head_steps`` (MLP head), ``dit_steps``.
@@ -99,7 +100,7 @@ class HiMAR(MAR):
                  pivot_prob: float = 1.0, dit_width: int = 512, dit_depth: int = 6, dit_heads: int = 8,
                  dit_mlp_ratio: float = 4.0, dit_sampling_steps: int = 250, dit_batch_mul: int = 1,
                  pivot_loss_weight: float = 2.0, token_loss_weight: float = 0.75, clip_denoised: bool = False,
-                 latent_norm: str = "none"):
+                 latent_norm: str = "none", mask_ratio_dist: str = "truncnorm"):
         spec = TokenSpec.from_dict(spec) if isinstance(spec, dict) else spec
         if not isinstance(spec, TokenSpec):
             raise TypeError(f"HiMAR needs a TokenSpec, got {type(spec).__name__}")
@@ -115,7 +116,8 @@ class HiMAR(MAR):
         super().__init__(spec, num_classes, text_vocab_size, text_len, dim, depth, heads, dec_dim, dec_depth,
                          dec_heads, mlp_ratio, dropout, attn_dropout, buffer_size, class_dropout, text_depth,
                          mask_ratio_min, head_width, head_depth, diffusion_steps, sampling_steps,
-                         diffusion_batch_mul, learn_sigma, num_iter, clip_denoised, latent_norm)
+                         diffusion_batch_mul, learn_sigma, num_iter, clip_denoised, latent_norm,
+                         mask_ratio_dist=mask_ratio_dist)
         self.pivot_spec = TokenSpec("continuous", "grid", (ph, pw), dim=spec.dim)
         self.num_pivots = ph * pw
         self.pivot_iter = int(pivot_iter) if pivot_iter is not None else min(4 * ph, self.num_pivots)
@@ -196,8 +198,8 @@ class HiMAR(MAR):
         piv = self._pivot_targets(grid, pivots).reshape(B, P, C)
         seq = grid.reshape(B, N, C)
         buf = self.buffer(cond, B)  # one condition draw (and CFG dropout) for both phases
-        # phase 1: pivots masked with MAR's ratio, all full-resolution tokens masked
-        n1 = max(1, math.ceil(P * float(truncated_mask_ratio(1, self.mask_ratio_min)[0])))
+        # phase 1: pivots masked with MAR's ratio (mask_ratio_dist), all full-resolution tokens masked
+        n1 = max(1, math.ceil(P * self.train_mask_ratio()))
         pmask = mask_from_order(random_orders(B, P, device=grid.device), n1)
         z1 = self.phase1(piv, buf, pmask)
         l1 = self.head.loss(piv[pmask].to(z1.dtype), z1[pmask], None, self.diffusion_batch_mul)

@@ -240,6 +240,13 @@ class MAR(Generator):
         mlp_ratio, dropout, attn_dropout: ViT blocks (MAR: 4, 0.1, 0.1).
         buffer_size: condition slots in front of the tokens (MAR: 64; >= prefix length).
         class_dropout: CFG label (and caption) dropout. mask_ratio_min: 0.7.
+        mask_ratio_dist: the training mask ratio. ``"truncnorm"`` (MAR): N(1, 0.25²) truncated
+            to [``mask_ratio_min``, 1]. ``"cosine"`` (MaskGIT, Chang et al. 2022 §3.2):
+            ``r = cos(π/2·u)``, ``u ~ U(0, 1)`` -- exactly the ratios MAR's cosine sampling
+            schedule visits, one step each. Not in MAR; the tiny configs use it because with
+            64 tokens half of the 16 sampling steps run at ratios < 0.7 that ``truncnorm``
+            never trains, and the head loss there measured 0.14–0.24 against 0.12 at 0.7
+            (checkpoints.md, issue 16).
         head_width, head_depth: diffusion MLP; diffusion_steps / sampling_steps: 1000 / 100;
         diffusion_batch_mul: 4; learn_sigma: learned variance (MAR: True).
         num_iter: default sampling steps (``SamplingConfig.extra["num_iter"]`` overrides).
@@ -268,8 +275,11 @@ class MAR(Generator):
                  head_width: int = 1024, head_depth: int = 6, diffusion_steps: int = 1000,
                  sampling_steps: int = 100, diffusion_batch_mul: int = 4, learn_sigma: bool = True,
                  num_iter: int = 64, clip_denoised: bool = False, latent_norm: str = "none",
-                 cfg_last_step: str = "full"):
+                 cfg_last_step: str = "full", mask_ratio_dist: str = "truncnorm"):
         super().__init__()
+        if mask_ratio_dist not in ("truncnorm", "cosine"):
+            raise ValueError(f"mask_ratio_dist must be 'truncnorm' or 'cosine', got {mask_ratio_dist!r}")
+        self.mask_ratio_dist = mask_ratio_dist
         if cfg_last_step not in ("full", "mar"):
             raise ValueError(f"cfg_last_step must be 'full' or 'mar', got {cfg_last_step!r}")
         self.cfg_last_step = cfg_last_step
@@ -349,13 +359,18 @@ class MAR(Generator):
         seq = self.latent_norm.normalize(self.check_tokens(tokens).to_sequence().data.to(self._device()))
         B, N = seq.shape[:2]
         buf = self.buffer(cond, B)
-        ratio = truncated_mask_ratio(1, self.mask_ratio_min)[0]
-        n_mask = max(1, math.ceil(N * float(ratio)))
+        n_mask = max(1, math.ceil(N * self.train_mask_ratio()))
         mask = mask_from_order(random_orders(B, N, device=seq.device), n_mask)
         z = self.backbone(self.embed(seq), buf, mask)
         out = self._head_loss(seq, z, mask)
         out["mask_ratio"] = torch.tensor(n_mask / N)
         return out
+
+    def train_mask_ratio(self) -> float:
+        """One training mask ratio (``mask_ratio_dist``)."""
+        if self.mask_ratio_dist == "cosine":
+            return math.cos(math.pi / 2 * float(torch.rand(())))
+        return float(truncated_mask_ratio(1, self.mask_ratio_min)[0])
 
     def _head_loss(self, seq: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> dict:
         # Only masked rows reach the head: the same loss as MAR's 0/1-weighted mean over all rows.

@@ -173,3 +173,16 @@ def test_paper_configs_match_mar_sizes():
     for name, want in (("generator/mar-b", 208e6), ("generator/mar-l", 479e6), ("generator/mar-h", 943e6)):
         n = registry.info(name)["params"]
         assert abs(n / want - 1) < 0.01, (name, n)
+
+
+def test_cosine_mask_ratio_covers_the_ratios_sampling_visits():
+    import zoo
+    torch.manual_seed(0)
+    g = zoo.create("generator/mar-tiny", mask_ratio_dist="cosine")
+    r = torch.tensor([g.train_mask_ratio() for _ in range(4000)])
+    # cos(pi/2 u): P(r < 0.7) = 1 - 2/pi * acos(0.7) ~= 0.494; MAR's truncnorm never goes below 0.7
+    assert abs(float((r < 0.7).float().mean()) - (1 - 2 / math.pi * math.acos(0.7))) < 0.03
+    t = zoo.create("generator/mar-tiny", mask_ratio_dist="truncnorm")
+    assert min(t.train_mask_ratio() for _ in range(500)) >= 0.7
+    with pytest.raises(ValueError):
+        zoo.create("generator/mar-tiny", mask_ratio_dist="uniform")
