@@ -305,7 +305,7 @@ TINY = {
     "attn_dropout": 0.0, "buffer_size": 17, "class_dropout": 0.1, "text_depth": 1, "head_width": 192,
     "head_depth": 3, "diffusion_batch_mul": 4, "sampling_steps": 100, "num_iter": 4, "pivot_shape": [4, 4],
     "pivot_iter": 16, "dit_width": 128, "dit_depth": 2, "dit_heads": 4, "dit_sampling_steps": 100,
-    "dit_batch_mul": 1, "clip_denoised": True, "latent_norm": "channel",
+    "dit_batch_mul": 1, "clip_denoised": True, "latent_norm": "channel", "mask_ratio_dist": "cosine",
 }
 
 _KL16 = TokenSpec("continuous", "grid", (16, 16), dim=16)  # MAR KL-16 at 256 px; pivots: 128 px -> 8x8

@@ -467,7 +467,7 @@ TINY = {
     "text_len": 16, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0, "dropout": 0.0,
     "attn_dropout": 0.0, "buffer_size": 17, "class_dropout": 0.1, "text_depth": 1, "head_width": 192,
     "head_depth": 3, "diffusion_batch_mul": 4, "sampling_steps": 100, "num_iter": 16, "clip_denoised": True,
-    "latent_norm": "channel",
+    "latent_norm": "channel", "mask_ratio_dist": "cosine",
 }
 
 _KL16 = TokenSpec("continuous", "grid", (16, 16), dim=16)  # MAR KL-16 at 256 px
