@@ -90,7 +90,7 @@ def test_encoder_never_reads_masked_tokens():
 
 
 def test_loss_trains_only_on_masked_tokens_and_backpropagates():
-    m = small()
+    m = small(mask_ratio_dist="truncnorm")  # MAR's ratio; the tiny default is "cosine"
     g = torch.Generator().manual_seed(0)
     tok = random_tokens(m.spec, 3, g)
     out = m.loss(tok, m.example_condition(3, g))
