@@ -205,6 +205,83 @@ class RasterAR(Generator):
         out = Tokens.from_sequence(torch.stack(toks, 1), self.spec) if teacher is None else None
         return out, (torch.stack(logits_out, 1) if teacher is not None else None)
 
+    # ---- prefix continuation (test-time search, generators/search.py) ----------------
+    @torch.no_grad()
+    def extend(self, prefix: torch.Tensor, n: int, cond: Condition | None,
+               sampling: SamplingConfig | None = None, generator: torch.Generator | None = None):
+        """Continue ``prefix`` (flat token values ``(B, L, *per_token)``, ``0 <= L < N``) by ``n``
+        tokens through the KV cache: one prefill of ``[condition] + prefix``, then one token per
+        forward, with CFG, temperature and filters as :meth:`generate` (the CFG scale of token
+        ``i`` is ``sampling.cfg_at(i, N)`` with ``i`` the absolute index). ``temperature=0`` is
+        greedy and draws nothing from ``generator``. From an empty prefix with ``n = N`` it draws
+        exactly what :meth:`generate` draws and returns the same tokens.
+
+        Returns ``(ids (B, L + n, *per_token), logp (B, n))``: ``logp`` is the log-probability
+        of each new token under the distribution it was drawn from (guided, tempered, filtered;
+        for ``temperature=0``, the guided logits at temperature 1). Runs in eval mode.
+        """
+        sampling = self.sampling_config(sampling)
+        was_training = self.training
+        self.eval()
+        try:
+            return self._extend_eval(prefix, int(n), cond, sampling, generator)
+        finally:
+            self.transformer.clear_cache()
+            self.train(was_training)
+
+    def _extend_eval(self, prefix, n, cond, sampling, generator):
+        from generators.sampling import categorical_probs, cfg_logits
+
+        dev = self.head.proj.weight.device
+        N, P = self.num_tokens, self.prefix_len
+        prefix = prefix.to(dev)
+        B, L = prefix.shape[0], prefix.shape[1]
+        if n < 1 or L + n > N:
+            raise ValueError(f"extend: need 1 <= n and prefix length + n <= {N}, got prefix {L} and n={n}")
+        cond = cond.to(dev) if cond is not None else None
+        cond_prefix = self.cond_encoder(cond, batch=self._batch(cond, B))
+        if cond_prefix.shape[0] != B:
+            raise ValueError(f"condition batch {cond_prefix.shape[0]} does not match prefix batch {B}")
+        use_cfg = self.cond_encoder.conditional and sampling.cfg != 1.0
+        if use_cfg:
+            cond_prefix = torch.cat((cond_prefix, self.cond_encoder.null_condition(B).to(cond_prefix.dtype)))
+        dup = (lambda t: torch.cat((t, t))) if use_cfg else (lambda t: t)  # noqa: E731
+        pos = self.positions(dev)
+        self.transformer.setup_cache(cond_prefix.shape[0], self.seq_len)
+        x = torch.cat((cond_prefix, self.embed(dup(prefix)).to(cond_prefix.dtype)), 1)
+        h = self.transformer(x, pos[:P + L], input_pos=torch.arange(P + L, device=dev), is_causal=True)[:, -1:]
+        new, logps = [], []
+        for j in range(n):
+            i = L + j
+            if j > 0:
+                slot = P + i - 1
+                h = self.transformer(self.embed(dup(new[-1].unsqueeze(1))), pos[slot:slot + 1],
+                                     input_pos=torch.tensor([slot], device=dev), is_causal=True)
+            logits = self.head(h)[:, 0]
+            kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                      generator=generator)
+            scale = sampling.cfg_at(i, N)
+            if use_cfg:
+                c, u = logits.chunk(2)
+                tok = self.head.sample(c, uncond=u, cfg=scale, **kw)
+                guided = cfg_logits(c, u, scale)
+            else:
+                tok = self.head.sample(logits, **kw)
+                guided = logits
+            new.append(tok)
+            if self.spec.kind == "binary":  # independent bits: sum of per-bit log-probabilities
+                z = guided.float() / (sampling.temperature or 1.0)
+                logps.append(torch.nn.functional.logsigmoid(torch.where(tok.bool(), z, -z)).sum(-1))
+            else:
+                if sampling.temperature > 0:
+                    probs = categorical_probs(guided, temperature=sampling.temperature, top_k=sampling.top_k,
+                                              top_p=sampling.top_p)
+                    lp = probs.gather(-1, tok.unsqueeze(-1)).squeeze(-1).log()
+                else:
+                    lp = guided.float().log_softmax(-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+                logps.append(lp)
+        return torch.cat((prefix, torch.stack(new, 1)), 1), torch.stack(logps, 1)
+
 
 # ---- registry -----------------------------------------------------------------------------
 

@@ -22,6 +22,13 @@ layout instead: ``<idx:05d>/metadata.jsonl`` (that prompt's metadata), ``<idx:05
 <n:05d>.png`` (``--n-per-prompt`` samples, default 4) and ``<idx:05d>/grid.png``, plus
 ``samples.json`` with the settings; score it with ``arzoo eval geneval OUT``.
 
+With ``--search {best-of-n,beam,lookahead}`` each sample is the result of a test-time search
+(SoTo; ``generators/search.py``) over the generator's tokens (``--prior uniform``: over i.i.d.
+uniform tokens, no AR model), scored by ``--verifier`` (``eval/verifiers.py``; ``geneval`` =
+Shapes-GenEval per prompt, from the metadata file or the caption); samples.json then holds
+``search`` (settings and the verifier / decoder call counts) and each sample's ``score`` and
+counts. ``--search none`` (default) samples as before.
+
 Same seed, batch size and device -> identical files (``zoo.pipeline`` explains why the batch
 size is part of the key). A registry name without ``:tag`` means random weights: a warning
 line on stderr and ``"pretrained": {"tokenizer": ..., "generator": false}`` in samples.json.
@@ -122,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheme-specific knob for SamplingConfig.extra (value parsed as JSON), repeatable")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=64, help="part of the reproducibility key, with --seed")
+    t = p.add_argument_group("test-time search (SoTo; generators/search.py)")
+    t.add_argument("--search", choices=("none", "best-of-n", "beam", "lookahead"), default="none",
+                   help="none = plain sampling (default)")
+    t.add_argument("--verifier", choices=("geneval", "likelihood", "clip", "imagereward"), default="geneval",
+                   help="geneval: Shapes-GenEval per prompt (graded); likelihood: the prior's log-probability")
+    t.add_argument("--verifier-weights", metavar="PATH", help="local weights of the clip / imagereward verifier")
+    t.add_argument("--num-candidates", type=int, default=10,
+                   help="N of best-of-n; candidates per beam C of beam / lookahead (default 10)")
+    t.add_argument("--beams", type=int, default=5, help="beam width B (default 5)")
+    t.add_argument("--lookahead", type=int, default=8, help="greedy rollout tokens before scoring; -1 = to the end")
+    t.add_argument("--schedule", default="geometric",
+                   help="token schedule: geometric (1, 2, 4, ..., N), linear, fixed, or lengths '1,4,16'")
+    t.add_argument("--tokens-per-step", type=int, default=1, help="tokens per step of the linear schedule")
+    t.add_argument("--prior", choices=("generator", "uniform"), default="generator",
+                   help="uniform: i.i.d. uniform tokens instead of the generator (training-free search)")
+    t.add_argument("--grid-fill", type=int, default=0,
+                   help="token id filling the unseen positions of a partial grid/unordered prefix (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -232,10 +256,17 @@ def run(args) -> Path:
     per_classes, per_prompts = rep(classes), rep(prompts)
     pipe.make_condition(per_classes, per_prompts)  # validate before touching --out
 
+    searching = args.search != "none" or args.prior != "generator"
+    parts = prepare_search(args, pipe, sampling) if searching else None  # bad search flags fail here
+
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
-    images = pipe.generate(per_classes, per_prompts, sampling=sampling, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+    if searching:
+        rep_meta = None if metadatas is None else [m for m in metadatas for _ in range(args.num)]
+        images, search_meta, per_sample = run_search(args, pipe, parts, per_classes, per_prompts, rep_meta)
+    else:
+        images = pipe.generate(per_classes, per_prompts, sampling=sampling, seed=args.seed,
+                               batch_size=args.batch_size, progress=not args.no_progress)
     n = images.shape[0]
     samples = []
     for i in range(n):
@@ -244,6 +275,8 @@ def run(args) -> Path:
             s["class"] = per_classes[i]
         if per_prompts is not None:
             s["prompt"] = per_prompts[i]
+        if searching:
+            s.update(per_sample[i])
         samples.append(s)
     models = {"tokenizer": pipe.tokenizer, "generator": pipe.generator}
     meta = {
@@ -260,6 +293,8 @@ def run(args) -> Path:
         "reproducible_with": "same seed, batch_size, device and conditions (see zoo/pipeline.py)",
         "samples": samples,
     }
+    if searching:
+        meta["search"] = search_meta
     if metadatas is not None:
         from eval.geneval import write_prompt_folder
 
@@ -273,6 +308,85 @@ def run(args) -> Path:
         return out
     write_outputs(out, images, conds, args.num, per_classes, meta, args.grid_max_rows)
     return out
+
+
+def _verifier_prompts(pipe, per_classes, per_prompts, metadatas, verifier: str) -> list:
+    """One verifier prompt per sample: the GenEval metadata, else the caption, else the Shapes
+    caption of the class id."""
+    if metadatas is not None:
+        return metadatas
+    if per_prompts is not None:
+        return list(per_prompts)
+    if verifier == "likelihood":
+        return [f"class {c}" for c in per_classes]
+    from zoo.data.shapes import class_caption
+
+    return [class_caption(c) for c in per_classes]
+
+
+def prepare_search(args, pipe, sampling):
+    """``(prior, decoder, verifier)`` for ``--search``, checking the search flags."""
+    from eval.verifiers import make_verifier
+    from generators.search import ARPrior, UniformPrior, make_decoder, token_schedule
+
+    for flag, value in (("--num-candidates", args.num_candidates), ("--beams", args.beams)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.search == "lookahead" and not (args.lookahead >= 1 or args.lookahead == -1):
+        raise ValueError(f"--search lookahead needs --lookahead >= 1 (or -1 = to the end), got {args.lookahead}")
+    prior = (UniformPrior.for_spec(pipe.tokenizer.spec, pipe.device) if args.prior == "uniform"
+             else ARPrior(pipe.generator, sampling))
+    token_schedule(args.schedule, prior.num_tokens, tokens_per_step=args.tokens_per_step)
+    decoder = make_decoder(pipe.tokenizer, fill=args.grid_fill)
+    return prior, decoder, make_verifier(args.verifier, args.verifier_weights, device=str(pipe.device))
+
+
+def run_search(args, pipe, parts, per_classes, per_prompts, metadatas):
+    """Search images for every sample (batches of ``--batch-size`` prompts, each with the
+    torch.Generator of ``zoo.pipeline.batch_seed(seed, start)``): ``(uint8 images, the samples.json
+    "search" record, per-sample records)``."""
+    from generators.search import beam_verifier_calls, search
+    from zoo.pipeline import batch_seed, to_uint8
+
+    prior, decoder, verifier = parts
+    device = pipe.device
+    prompts = _verifier_prompts(pipe, per_classes, per_prompts, metadatas, args.verifier)
+    cond = pipe.make_condition(per_classes, per_prompts)
+    n = cond.batch_size
+    images, per_sample = [], []
+    totals = {"verifier_calls": 0, "decoder_calls": 0, "prior_tokens": 0}
+    starts = range(0, n, args.batch_size)
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"{args.search} search, {n} samples", unit="batch", leave=False)
+    settings = {}
+    for start in starts:
+        stop = min(start + args.batch_size, n)
+        g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, start))
+        res = search(args.search, prior, decoder, verifier, prompts[start:stop], cond[start:stop].to(device),
+                     num_candidates=args.num_candidates, beams=args.beams, lookahead=args.lookahead,
+                     schedule=args.schedule, tokens_per_step=args.tokens_per_step, generator=g,
+                     decode_seed=batch_seed(args.seed, start))
+        images.append(to_uint8(res.images))
+        for k in totals:
+            totals[k] += getattr(res, k)
+        each = res.per_prompt()
+        for sc in res.scores.tolist():
+            per_sample.append({"score": sc, **each})
+        settings = {k: v for k, v in res.summary().items()
+                    if k not in ("scores", "num_prompts", "per_prompt", *totals)}
+    record = {**settings, "algorithm": args.search, "prior": prior.name, "decoder": decoder.describe(),
+              "verifier": getattr(verifier, "name", args.verifier), **totals,
+              "per_sample": {k: v / n for k, v in totals.items()}}
+    if args.search in ("beam", "lookahead"):
+        record["verifier_calls_formula"] = "C + (steps - 1) * B * C per sample (B <= C)"
+        record["expected_verifier_calls_per_sample"] = beam_verifier_calls(
+            prior.num_tokens, args.beams, args.num_candidates, args.schedule, tokens_per_step=args.tokens_per_step)
+    print(f"arzoo sample: {args.search} search with the {record['verifier']} verifier: "
+          f"{totals['verifier_calls']} verifier calls, {totals['decoder_calls']} decoder calls "
+          f"({totals['verifier_calls'] / n:g} and {totals['decoder_calls'] / n:g} per sample)", file=sys.stderr)
+    return torch.cat(images), record, per_sample
 
 
 def main(argv=None) -> int:

@@ -80,3 +80,80 @@ def toy_registry():
     finally:
         for n in names:
             registry.unregister(n)
+
+
+class ToyOrderedTokenizer(Tokenizer):
+    """A coarse-to-fine ordered 1D tokenizer with FlexTok's prefix interface (search tests).
+
+    ``decode_prefix(ids (B, k))``: ``tanh(sum_i 0.5**i * table[ids_i])`` -- token ``i`` moves the
+    image half as much as token ``i - 1``, so any prefix decodes to a whole (coarser) image;
+    deterministic (``generator`` is accepted and unused). ``encode`` picks the tokens greedily.
+    """
+
+    def __init__(self, num_tokens: int = 8, vocab: int = 16, image_size: int = 8):
+        super().__init__()
+        self.image_size = image_size
+        self.spec = TokenSpec("discrete", "sequence", (num_tokens,), vocab_size=vocab, ordered=True)
+        self.table = nn.Embedding(vocab, 3 * image_size * image_size)
+        nn.init.normal_(self.table.weight, std=0.7)
+
+    def _weights(self, k: int) -> torch.Tensor:
+        return 0.5 ** torch.arange(k, dtype=self.table.weight.dtype, device=self.table.weight.device)
+
+    def decode_prefix(self, ids: torch.Tensor, generator=None) -> torch.Tensor:
+        ids = torch.as_tensor(ids, device=self.table.weight.device).long()
+        if ids.dim() != 2 or not 1 <= ids.shape[1] <= self.spec.num_tokens:
+            raise ValueError(f"decode_prefix takes (B, k) ids with 1 <= k <= {self.spec.num_tokens}, "
+                             f"got {tuple(ids.shape)}")
+        x = (self.table(ids) * self._weights(ids.shape[1])[None, :, None]).sum(1)
+        return torch.tanh(x).reshape(-1, 3, self.image_size, self.image_size)
+
+    def decode(self, tokens):
+        return self.decode_prefix(self.check_tokens(tokens).data)
+
+    def encode(self, images):
+        res = torch.atanh(self.check_images(images).clamp(-0.999, 0.999)).flatten(1)
+        ids = []
+        for w in self._weights(self.spec.num_tokens):
+            d = ((res[:, None, :] - w * self.table.weight[None]) ** 2).sum(-1)
+            v = d.argmin(1)
+            ids.append(v)
+            res = res - w * self.table.weight[v]
+        return Tokens(torch.stack(ids, 1), self.spec)
+
+    def forward(self, images):
+        recon = self.decode(self.encode(images))
+        loss = (recon - images).pow(2).mean()
+        return recon, {"loss": loss, "rec": loss.detach()}
+
+
+def tiny_raster_ar(spec: TokenSpec, text: bool = True, seed: int = 0, std: float = 0.3):
+    """A small RasterAR with random (non-zero) weights for search tests: captions when ``text``."""
+    from generators.raster_ar import RasterAR
+    from zoo.data import text as T
+
+    torch.manual_seed(seed)
+    m = RasterAR(spec, num_classes=None if text else 4, text_vocab_size=T.vocab_size() if text else None,
+                 text_len=16, dim=32, depth=1, heads=2, ffn_multiple=16, text_depth=1)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the LlamaGen init zeroes the head; random weights make the prior non-uniform
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 else 0.0))
+    return m.eval()
+
+
+@contextlib.contextmanager
+def search_toy_registry():
+    """Register an ordered toy tokenizer, a grid toy tokenizer and a tiny caption RasterAR
+    (``generator/test-search-ar-tiny``, built for whatever spec it is given) for a block."""
+    names = ["tokenizer/test-search-ordered-tiny", "tokenizer/test-search-grid-tiny", "generator/test-search-ar-tiny"]
+    registry._ensure_loaded()
+    registry.register(names[0], paper="none (test toy)")(lambda **kw: ToyOrderedTokenizer(**kw))
+    registry.register(names[1], paper="none (test toy)")(lambda **kw: ToyTokenizer(**kw))
+    registry.register(names[2], paper="none (test toy)")(
+        lambda spec=TokenSpec("discrete", "sequence", (8,), vocab_size=16, ordered=True), **kw: tiny_raster_ar(spec, **kw))
+    try:
+        yield names
+    finally:
+        for n in names:
+            registry.unregister(n)
