@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = ensure_ref(Path(a.ref))
-    results = {}
+    results, commands = {}, set()
+    cmd = "python -m eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])
     # every row is listed; rows outside --only show a cached result of the same settings and
     # weights if there is one, else "not measured"
     for r in ROWS:
@@ -169,8 +170,13 @@ def main(argv=None) -> int:
         cache = out / f"{r.key}.json"
         if cache.is_file():
             saved = json.loads(cache.read_text())
-            if saved.get("ident") == ident:
+            same = saved.get("ident") == ident
+            # a row outside --only keeps its cached result at whatever N it was measured with
+            # (the table states each row's N), as long as the weights and settings are the same
+            kept = r not in chosen and {**saved.get("ident", {}), "num": num} == ident
+            if same or kept:
                 results[r.key] = saved["metrics"]
+                commands.add(saved.get("command") or "")
                 continue
         if r not in chosen:
             continue
@@ -178,13 +184,14 @@ def main(argv=None) -> int:
         print(f"[leaderboard] {r.generator}: sampling {num} images", file=sys.stderr, flush=True)
         results[r.key] = measure(r, num=num, ref=ref, seed=a.seed, batch_size=a.batch_size)
         tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ident": ident, "metrics": results[r.key]}, indent=2))
+        tmp.write_text(json.dumps({"ident": ident, "metrics": results[r.key], "command": cmd}, indent=2))
         tmp.replace(cache)
+        commands.add(cmd)
     text = table(ROWS, results)
     print(text)
     if a.write:
-        cmd = "python -m eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_between_markers(Path(a.write), f"```bash\n{cmd}\n```\n\n{text}")
+        cmds = "\n".join(sorted(c for c in commands if c)) or cmd
+        write_between_markers(Path(a.write), f"```bash\n{cmds}\n```\n\n{text}")
     return 0
 
 

@@ -31,3 +31,23 @@ def test_write_between_markers(tmp_path):
     f.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         lb.write_between_markers(f, "x")
+
+
+def test_rows_outside_only_keep_their_cached_result_and_command(tmp_path, monkeypatch):
+    import json
+
+    a, b = lb.ROWS[0], lb.ROWS[1]
+    metrics = {"class_accuracy": 0.9, "colour_accuracy": 0.9, "none_or_many": 0.0, "shapes_fid": 5.0,
+               "img_per_s": 1.0, "params": 1e6, "num": 2000, "forward_steps": 64}
+    monkeypatch.setattr(lb, "ensure_ref", lambda p: p)
+    monkeypatch.setattr(lb, "measure", lambda r, **kw: {**metrics, "num": kw["num"], "shapes_fid": 7.0})
+    lb.main(["--out", str(tmp_path), "--only", a.key, "--num", "2000"])
+    doc = tmp_path / "c.md"
+    doc.write_text(f"{lb.START}\n{lb.END}\n")
+    # a second run at another N for another row: row a keeps its N=2000 result, both commands are listed
+    lb.main(["--out", str(tmp_path), "--only", b.key, "--num", "300", "--write", str(doc)])
+    text = doc.read_text()
+    assert f"--only {a.key} --num 2000" in text and f"--only {b.key} --num 300" in text
+    assert "| 2000 |" in text and "| 300 |" in text
+    saved = json.loads((tmp_path / f"{a.key}.json").read_text())
+    assert saved["ident"]["num"] == 2000
