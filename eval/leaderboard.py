@@ -36,6 +36,7 @@ class Row:
     tokenizer: str
     cfg: float = 2.0
     cfg_schedule: str = "constant"
+    temperature: float = 1.0
     extra: dict = field(default_factory=dict)
     bar: float | None = None  # the class-accuracy bar
     slow: bool = False  # continuous generators: minutes per hundred images on a CPU (--num-slow)
@@ -88,7 +89,8 @@ def measure(row: Row, *, num: int, ref: Path, seed: int, batch_size: int) -> dic
 
     pipe = Pipeline.load(row.tokenizer, row.generator)
     gen = pipe.generator
-    sampling = SamplingConfig(cfg=row.cfg, cfg_schedule=row.cfg_schedule, extra=dict(row.extra))
+    sampling = SamplingConfig(cfg=row.cfg, cfg_schedule=row.cfg_schedule, temperature=row.temperature,
+                              extra=dict(row.extra))
     wanted = _evenly(num, NUM_CLASSES)
     t0 = time.perf_counter()
     imgs = np.asarray(pipe.generate(classes=wanted, sampling=sampling, seed=seed, batch_size=batch_size))
@@ -112,6 +114,7 @@ def table(rows, results: dict) -> str:
     for r in rows:
         m = results.get(r.key)
         samp = f"cfg {r.cfg:g}" + (f" {r.cfg_schedule}" if r.cfg_schedule != "constant" else "") + \
+            (f", temperature {r.temperature:g}" if r.temperature != 1.0 else "") + \
             "".join(f", {k}={v}" for k, v in r.extra.items())
         if m is None:
             lines.append(f"| `{r.generator}` | `{r.tokenizer}` | {samp} | | not measured | | | | | | | |")
