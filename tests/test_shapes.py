@@ -327,3 +327,72 @@ def test_detect_reports_unshaped_blobs_without_crashing():
     objs = detect(img)
     assert len(objs) == 1 and objs[0]["shape"] == UNKNOWN and objs[0]["color"] == "red"
     assert classify(img) == -1
+
+
+# ---------------------------------------------------------------- caption styles
+
+def _geneval_parse():
+    from eval.geneval_shapes import parse_prompt
+    return parse_prompt
+
+
+def test_geneval_caption_style_parses_and_agrees_with_the_scene():
+    parse_prompt = _geneval_parse()
+    default = S.ShapesDataset("train", 64, (1, 4), length=800)
+    geneval = S.ShapesDataset("train", 64, (1, 4), length=800, caption_style="geneval")
+    kinds = collections.Counter()
+    for i in range(len(geneval)):
+        img_d, cap_d, objs_d = default.sample(i)
+        img, cap, objs = geneval.sample(i)
+        assert np.array_equal(img, img_d) and objs == objs_d   # the style changes captions only
+        p = parse_prompt(cap)
+        named = collections.Counter({(s, c): 0 for _, c, s in p["groups"]})
+        for n, c, s in p["groups"]:
+            named[(s, c)] += n
+        assert named == _multiset(objs), (cap, objs)
+        assert len(text.tokenize(cap)) <= 16
+        text.encode(cap)                                    # every word in the fixed vocabulary
+        if p["relation"]:
+            a, b = objs
+            assert a["shape"] != b["shape"]                 # the scorer tells the two apart by shape
+            for dtype in (np.float64, np.float32):          # caption geometry and the scorer's
+                assert p["relation"] in S.relative_position(a["bbox"], b["bbox"], dtype=dtype)
+            kinds["position"] += 1
+        if cap != cap_d:  # only relations the position task cannot check became plain captions
+            assert parse_prompt(cap_d)["relation"] and not p["relation"]
+            kinds["changed"] += 1
+    assert kinds["position"] > 20 and kinds["changed"] > 5
+
+
+def test_caption_style_default_is_unchanged_and_bad_styles_refused():
+    def o(shape, color, bbox):
+        return {"shape": shape, "color": color, "bbox": bbox}
+    same_shape = [o("circle", "red", (0, 20, 10, 30)), o("circle", "blue", (40, 20, 50, 30))]
+    caps = {S.caption_for(same_shape, np.random.default_rng(i)) for i in range(40)}
+    assert caps == {"a red circle and a blue circle", "a red circle left of a blue circle"}  # default: as before
+    caps = {S.caption_for(same_shape, np.random.default_rng(i), "geneval") for i in range(40)}
+    assert caps == {"a red circle and a blue circle"}
+    left = [o("circle", "red", (0, 20, 10, 30)), o("square", "blue", (40, 20, 50, 30))]
+    for i in range(40):  # different shapes: both styles draw the same caption
+        assert S.caption_for(left, np.random.default_rng(i), "geneval") == S.caption_for(left, np.random.default_rng(i))
+    with pytest.raises(ValueError, match="style"):
+        S.caption_for(left, None, "fancy")
+    with pytest.raises(ValueError, match="caption_style"):
+        S.ShapesDataset(caption_style="fancy")
+
+
+def test_caption_style_flag_reaches_the_datasets():
+    from train import extract, tokenizer
+    from train.common import build_image_dataset
+
+    ds = build_image_dataset("shapes", num_objects=(1, 4), length=8, caption_style="geneval")
+    assert ds.caption_style == "geneval"
+    assert build_image_dataset("shapes", length=8).caption_style == "default"
+    with pytest.raises(SystemExit, match="only --data shapes"):
+        build_image_dataset("folder:/nonexistent", caption_style="geneval")
+    args = tokenizer.build_parser().parse_args(["--caption-style", "geneval", "--out", "x"])
+    assert args.caption_style == "geneval"
+    args = extract.build_parser().parse_args(["--tokenizer", "t", "--out", "x"])
+    assert args.caption_style == "default"
+    with pytest.raises(SystemExit):
+        extract.build_parser().parse_args(["--caption-style", "fancy"])

@@ -265,10 +265,10 @@ def register_image_dataset(name: str):
 
 
 @register_image_dataset("shapes")
-def _shapes_dataset(arg, *, split, resolution, num_objects, length):
+def _shapes_dataset(arg, *, split, resolution, num_objects, length, caption_style="default"):
     from zoo.data.shapes import NUM_CLASSES, ShapesDataset
 
-    kw = {"split": split, "resolution": resolution, "num_objects": num_objects}
+    kw = {"split": split, "resolution": resolution, "num_objects": num_objects, "caption_style": caption_style}
     if length is not None:
         kw["length"] = length
     ds = ShapesDataset(**kw)
@@ -291,14 +291,31 @@ def _folder_dataset(arg, *, split, resolution, num_objects, length):
 
 
 def build_image_dataset(data: str, *, split: str = "train", resolution: int = 64, num_objects=1,
-                        length: int | None = None) -> Dataset:
-    """``--data shapes`` or ``--data folder:/path`` (or a name added by :func:`register_image_dataset`)."""
+                        length: int | None = None, caption_style: str | None = None) -> Dataset:
+    """``--data shapes`` or ``--data folder:/path`` (or a name added by :func:`register_image_dataset`).
+
+    ``caption_style`` (``--caption-style``, Shapes only: ``zoo.data.shapes.CAPTION_STYLES``) is passed
+    to the source only when it is not ``None`` / ``"default"``."""
     name, _, arg = str(data).partition(":")
     if name not in IMAGE_DATASETS:
         raise SystemExit(f"--data {data!r}: unknown source {name!r}; expected one of "
                          + ", ".join(f"{n}" + (":PATH" if n == "folder" else "") for n in IMAGE_DATASETS))
+    kw = {}
+    if caption_style not in (None, "default"):
+        if name != "shapes":
+            raise SystemExit(f"--caption-style {caption_style}: only --data shapes writes captions")
+        kw["caption_style"] = caption_style
     return IMAGE_DATASETS[name](arg or None, split=split, resolution=resolution, num_objects=num_objects,
-                                length=length)
+                                length=length, **kw)
+
+
+def add_caption_style_arg(group) -> None:
+    """``--caption-style`` (Shapes captions: ``zoo.data.shapes.CAPTION_STYLES``)."""
+    from zoo.data.shapes import CAPTION_STYLES
+
+    group.add_argument("--caption-style", choices=CAPTION_STYLES, default="default",
+                       help="Shapes caption style: 'default' (what the shipped models saw) or 'geneval' "
+                            "(relations only where the Shapes-GenEval position task can check them)")
 
 
 def collate_images(items) -> dict:

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from train.common import (build_image_dataset, collate_images, has_accelerator, parse_args, parse_num_objects,
-                          write_json)
+from train.common import (add_caption_style_arg, build_image_dataset, collate_images, has_accelerator, parse_args,
+                          parse_num_objects, write_json)
 from zoo.tokens import TokenError, Tokens, TokenSpec
 
 META_NAME = "meta.json"
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's image_size")
     p.add_argument("--num-objects", type=parse_num_objects, default=1, help="Shapes objects per image: N or MIN-MAX")
     p.add_argument("--num", type=int, default=10000, help="source images to encode")
+    add_caption_style_arg(p)
     p.add_argument("--out", help="output folder (required; must be empty or new unless --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="extract into a non-empty --out: its meta.json and token shards are removed first")
@@ -319,7 +320,7 @@ def main(argv=None) -> dict:
     if res != model.image_size:
         raise SystemExit(f"--resolution {res} does not match the tokenizer's image_size {model.image_size}")
     dataset = build_image_dataset(args.data, split=args.split, resolution=res, num_objects=args.num_objects,
-                                  length=args.num)
+                                  length=args.num, caption_style=args.caption_style)
     num = min(args.num, len(dataset))
     if num < args.num:
         print(f"[extract] the data has {len(dataset)} images; encoding {num}", file=sys.stderr)
@@ -415,7 +416,8 @@ def main(argv=None) -> dict:
             "stored_layout": sspec.layout,
             "tokenizer": source,
             "data": {"source": args.data, "split": args.split, "resolution": res,
-                     "num_objects": args.num_objects, "num_images": num},
+                     "num_objects": args.num_objects, "num_images": num,
+                     **({"caption_style": args.caption_style} if args.caption_style != "default" else {})},
             "flip": bool(args.flip), "rows_per_image": rows_per,
             "count": num * rows_per, "shard_size": args.shard_size, "shards": shards,
             "num_classes": num_classes, "text_len": args.text_len, "text_vocab_size": text_vocab,

@@ -49,8 +49,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from train.common import (add_common_args, build_image_dataset, build_model, collate_images, parse_args,
-                          parse_num_objects)
+from train.common import (add_caption_style_arg, add_common_args, build_image_dataset, build_model,
+                          collate_images, parse_args, parse_num_objects)
 from train.loop import Trainer, list_states, make_accelerator, seed_all
 
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-objects", type=parse_num_objects, default=(1, 4),
                    help="Shapes objects per image: N or MIN-MAX")
     g.add_argument("--train-images", type=int, default=50000, help="Shapes training-set size")
+    add_caption_style_arg(g)
     g.add_argument("--eval-data", default=None,
                    help="held-out images (default: the test split of --data; for a folder, the folder)")
     g.add_argument("--eval-images", type=int, default=512, help="held-out images measured at the end")
@@ -290,7 +291,7 @@ def main(argv=None) -> dict:
     if res != model.image_size:
         raise SystemExit(f"--resolution {res} does not match {args.model}'s image_size {model.image_size}")
     train_set = build_image_dataset(args.data, split="train", resolution=res, num_objects=args.num_objects,
-                                    length=args.train_images)
+                                    length=args.train_images, caption_style=args.caption_style)
     trainer = Trainer(args, acc, model, train_set, collate_fn=collate_images, name="tokenizer")
 
     gan, disc_raw = None, None
@@ -360,7 +361,8 @@ def main(argv=None) -> dict:
         shapes = eval_data.split(":")[0] == "shapes"
         split = "test" if shapes else "eval"
         eval_set = build_image_dataset(eval_data, split=split, resolution=res, num_objects=args.num_objects,
-                                       length=args.eval_images if shapes else None)
+                                       length=args.eval_images if shapes else None,
+                                       caption_style=args.caption_style if shapes else None)
         m = evaluate(export, eval_set, num_images=args.eval_images, batch_size=args.eval_batch_size,
                      device=acc.device, attributes=shapes and semantic_reconstruction(export))
         m["eval_data"] = f"{eval_data} ({split} split)" if split == "test" else eval_data

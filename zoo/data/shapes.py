@@ -72,6 +72,9 @@ SAME_CLASS_PROB = 0.3
 POSITION_CAPTION_PROB = 0.5
 POSITION_THRESHOLD = 0.1  # GenEval's default
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+#: Caption styles of ``caption_for`` / ``ShapesDataset``: "default" (what every shipped model saw)
+#: and "geneval" (relations only where the Shapes-GenEval position task can check them).
+CAPTION_STYLES = ("default", "geneval")
 _FIT_MARGIN = 4  # px of context around a component for the template fit
 _SPLIT_SEEDS = {"train": 0, "test": 1}
 
@@ -142,14 +145,24 @@ def _noun_phrase(n: int, color: str, shape: str) -> str:
     return f"{_NUMBER_WORDS[n]} {color} {shape}s"
 
 
-def caption_for(objects: Sequence[dict], rng: np.random.Generator | None = None) -> str:
+def caption_for(objects: Sequence[dict], rng: np.random.Generator | None = None,
+                style: str = "default") -> str:
     """GenEval-style caption of ``objects`` (dicts with "shape", "color", "bbox").
 
     Identical objects are grouped and counted ("two red circles"), groups are joined with
     "and" in order of first appearance. For two different objects in a clear spatial
     relation, and when ``rng`` draws below ``POSITION_CAPTION_PROB``, the caption names the
     relation of the first object to the second ("a red circle left of a blue square").
+
+    ``style="geneval"`` (opt-in; see :data:`CAPTION_STYLES`) states a relation only where the
+    Shapes-GenEval position task can check it: the two objects have **different shapes** (the
+    scorer finds objects by shape, so "a red circle left of a blue circle" is ambiguous to it)
+    and the relation holds in the float64 geometry of the captions **and** in the scorer's
+    float32 one. The random draws are the same in both styles, so the images and every other
+    caption are identical.
     """
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"caption_for: style must be one of {CAPTION_STYLES}, got {style!r}")
     if not objects:
         raise ValueError("caption_for: expected at least one object, got none")
     groups: dict[tuple[str, str], int] = {}
@@ -158,7 +171,12 @@ def caption_for(objects: Sequence[dict], rng: np.random.Generator | None = None)
         groups[key] = groups.get(key, 0) + 1
     if len(objects) == 2 and len(groups) == 2 and rng is not None:
         a, b = objects
-        rels = sorted(relative_position(a["bbox"], b["bbox"]))
+        rels = relative_position(a["bbox"], b["bbox"])
+        if style == "geneval":
+            rels &= relative_position(a["bbox"], b["bbox"], dtype=np.float32)
+            if a["shape"] == b["shape"]:
+                rels = set()
+        rels = sorted(rels)
         # Always draw, so the stream of random numbers does not depend on the geometry.
         u, pick = rng.random(), rng.integers(0, 4)
         if rels and u < POSITION_CAPTION_PROB:
@@ -307,6 +325,7 @@ class ShapesDataset(Dataset):
         num_objects: an int, or an inclusive (min, max) range, within 1..4.
         length: number of samples (``__len__``).
         seed: overrides the split's default seed.
+        caption_style: "default" or "geneval" (:func:`caption_for`); the images do not depend on it.
 
     Each item is a dict: ``image`` float32 (3, H, W) in [-1, 1]; ``label`` the class id of the
     *first* object (for single-object images, the image's class; for multi-object images it
@@ -316,7 +335,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, split: str = "train", resolution: int = 64,
                  num_objects: int | tuple[int, int] = 1, length: int = 50000,
-                 seed: int | None = None):
+                 seed: int | None = None, caption_style: str = "default"):
         if split not in _SPLIT_SEEDS:
             raise ValueError(f"ShapesDataset: split must be one of {list(_SPLIT_SEEDS)}, got {split!r}")
         self.num_objects = _count_range(num_objects)
@@ -326,6 +345,9 @@ class ShapesDataset(Dataset):
                              f"{self.num_objects[1]} objects (expected >= 32 for 4 objects)")
         if length < 0:
             raise ValueError(f"ShapesDataset: length must be >= 0, got {length}")
+        if caption_style not in CAPTION_STYLES:
+            raise ValueError(f"ShapesDataset: caption_style must be one of {CAPTION_STYLES}, got {caption_style!r}")
+        self.caption_style = caption_style
         self.split = split
         self.resolution = int(resolution)
         self.length = int(length)
@@ -340,7 +362,7 @@ class ShapesDataset(Dataset):
         scene = sample_scene(rng, self.resolution, self.num_objects)
         img = render(scene, self.resolution)
         objects = [{"shape": o["shape"], "color": o["color"], "bbox": o["bbox"]} for o in scene]
-        return img, caption_for(objects, rng), objects
+        return img, caption_for(objects, rng, self.caption_style), objects
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -self.length <= index < self.length:
@@ -368,10 +390,11 @@ def collate(batch: list[dict], max_text_len: int = 16) -> dict[str, Any]:
 def shapes_loader(batch_size: int, split: str = "train", resolution: int = 64,
                   num_objects: int | tuple[int, int] = 1, length: int = 50000,
                   shuffle: bool = True, num_workers: int = 0, seed: int | None = None,
-                  drop_last: bool = True, max_text_len: int = 16) -> DataLoader:
+                  drop_last: bool = True, max_text_len: int = 16,
+                  caption_style: str = "default") -> DataLoader:
     """DataLoader over ``ShapesDataset`` whose batches are dicts (see ``collate``)."""
     ds = ShapesDataset(split=split, resolution=resolution, num_objects=num_objects,
-                       length=length, seed=seed)
+                       length=length, seed=seed, caption_style=caption_style)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last, collate_fn=functools.partial(collate, max_text_len=max_text_len))
 
@@ -593,6 +616,6 @@ def box_iou(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 __all__ = ["SHAPES", "COLORS", "PALETTE", "BACKGROUND", "CLASSES", "NUM_CLASSES", "class_id",
-           "class_caption", "relative_position", "caption_for", "shape_mask", "size_range",
+           "class_caption", "relative_position", "caption_for", "CAPTION_STYLES", "shape_mask", "size_range",
            "min_gap", "render", "sample_scene", "ShapesDataset", "collate", "shapes_loader",
            "detect", "classify", "match_objects", "box_iou"]
