@@ -164,9 +164,9 @@ def apg(cond: torch.Tensor, uncond: torch.Tensor, scale, *, eta: float = 0.0,
     dims = tuple(range(1, cond.dim()))
     c32, d = cond.float(), (cond - uncond).float()
     if norm_threshold > 0:
-        norm = d.norm(dim=dims, keepdim=True)
+        norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
         d = d * torch.clamp(norm_threshold / norm.clamp_min(1e-12), max=1.0)
-    unit = c32 / c32.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+    unit = c32 / torch.linalg.vector_norm(c32, dim=dims, keepdim=True).clamp_min(1e-12)
     d_par = (d * unit).sum(dim=dims, keepdim=True) * unit
     d = (d - d_par) + eta * d_par
     return (c32 + (scale - 1.0) * d).to(cond.dtype)

@@ -187,3 +187,7 @@ def test_apg_matches_cfg_at_eta_one_and_removes_parallel_part():
     assert torch.all((clipped - c).flatten(1).norm(dim=1) <= 2.0 * 0.1 + 1e-5)
     with pytest.raises(ValueError):
         flow.apg(c, u, 2.0, eta=2.0)
+    # images (B, C, H, W): per-sample norms over three dims
+    c4, u4 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    out4 = flow.apg(c4, u4, 2.0, eta=0.0, norm_threshold=1.0)
+    assert torch.all((out4 - c4).flatten(1).norm(dim=1) <= 1.0 + 1e-5)
