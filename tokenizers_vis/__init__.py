@@ -13,3 +13,6 @@ import tokenizers_vis.uniwetok  # noqa: F401  registers tokenizer/uniwetok-*
 import tokenizers_vis.tokenflow  # noqa: F401  registers tokenizer/tokenflow-*
 import tokenizers_vis.seed  # noqa: F401  registers tokenizer/seed-*
 import tokenizers_vis.slot  # noqa: F401  registers tokenizer/slot-*
+import tokenizers_vis.flextok  # noqa: F401  registers tokenizer/flextok-*
+import tokenizers_vis.comit  # noqa: F401  registers tokenizer/comit-*
+import tokenizers_vis.layton  # noqa: F401  registers tokenizer/layton*

@@ -60,14 +60,15 @@ function returning ``-v``; APG is odd in its inputs (``apg(-c, -u) = -apg(c, u)`
 before the sign flip is exact.
 
 The frozen VAE is **inside** the checkpoint: its weights are registered as buffers of
-``self.vae`` (:func:`params_to_buffers`), so ``model.safetensors`` is self-contained (loads
-offline with no other checkpoint; a retrained ``kl-tiny`` cannot silently change it), the
-optimiser never sees them, and ``parameters()`` counts the predictor (+ REPA projector) only --
-the quantity the paper's 174M / 610M / 900M are (the reference's ``RuledDiT`` alone). The tiny
-factory copies the shipped ``tokenizer/kl-tiny:shapes`` weights in when it builds a fresh model;
-loading a COMiT checkpoint restores them from the file. Paper configs build an SD-style
-``diffusers.AutoencoderKL`` from config (nothing downloaded; :meth:`COMiT.load_vae_weights`
-reads a local diffusers-format safetensors file, e.g. sd-vae-ft-ema's).
+``self.vae`` (:class:`tokenizers_vis.latent_vae.LatentVAE`, shared with Layton), so
+``model.safetensors`` is self-contained (loads offline with no other checkpoint; a retrained
+``kl-tiny`` cannot silently change it), the optimiser never sees them, and ``parameters()``
+counts the predictor (+ REPA projector) only -- the quantity the paper's 174M / 610M / 900M are
+(the reference's ``RuledDiT`` alone). The tiny factory copies the shipped
+``tokenizer/kl-tiny:shapes`` weights in when it builds a fresh model; loading a COMiT checkpoint
+restores them from the file. Paper configs build an SD-style ``diffusers.AutoencoderKL`` from
+config (nothing downloaded; :meth:`COMiT.load_vae_weights` reads a local diffusers-format
+safetensors file, e.g. sd-vae-ft-ema's).
 
 Deviations from the reference code (besides the training recipe above):
 
@@ -98,6 +99,7 @@ from torch import nn
 from generators import flow
 from generators.transformer import Block, RMSNorm, modulate, swiglu_hidden
 from tokenizers_vis.base import Tokenizer
+from tokenizers_vis.latent_vae import SD_SCALE, LatentVAE, load_shipped_vae
 from tokenizers_vis.qformer import sincos_2d
 from tokenizers_vis.quantizers.fsq import FSQ, round_ste
 from tokenizers_vis.teacher import TeacherSlot
@@ -109,12 +111,6 @@ PAPER = ("COMiT, Davtyan et al. 2026 (arXiv 2602.20731); reference Araachie/comi
 ORDERS = ("raster", "random", "adaptive")
 GRID = 3  # crops per side
 CENTRE_CROP = 4  # the adaptive policy starts here (reference prepare_crops, global_crop=False)
-
-# SD AutoencoderKL (Rombach et al. 2022; diffusers config of stabilityai/sd-vae-ft-*): f8, 4 channels.
-SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-          "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32,
-          "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-SD_SCALE = 0.18215
 
 
 # ---- the flow path in COMiT's time (t = 0 noise, t = 1 data) --------------------------------
@@ -150,70 +146,6 @@ def adaptive_next_crop(error: torch.Tensor, used: torch.Tensor, window: int, str
         raise ValueError(f"error map {tuple(error.shape[-2:])} with window {window} / stride {stride} "
                          f"gives {scores.shape[1]} windows, not {GRID * GRID}")
     return scores.masked_fill(used, float("-inf")).argmax(1)
-
-
-# ---- the frozen VAE --------------------------------------------------------------------------
-
-def params_to_buffers(module: nn.Module) -> nn.Module:
-    """Re-register every parameter of ``module`` as a (persistent) buffer: frozen, saved in the
-    state dict under the same names, invisible to ``parameters()`` and optimisers."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is None:
-                continue
-            del m._parameters[name]
-            m.register_buffer(name, p.detach(), persistent=True)
-    return module
-
-
-class LatentVAE(nn.Module):
-    """A frozen KL autoencoder, weights held as buffers (:func:`params_to_buffers`).
-
-    ``spec``: a registered KL tokenizer name (``"tokenizer/kl-tiny"``; built from its config, no
-    weights) or ``"diffusers:sd"`` (``diffusers.AutoencoderKL`` with :data:`SD_VAE`, updated by
-    ``config``). ``encode`` gives the posterior mode (the KL tokenizer's scaled latent), ``decode``
-    maps it back to pixels; both take any spatial size divisible by ``factor`` (crops).
-    """
-
-    def __init__(self, spec: str, config: dict | None = None):
-        super().__init__()
-        self.spec = str(spec)
-        if self.spec == "diffusers:sd":
-            from diffusers import AutoencoderKL
-
-            cfg = {**SD_VAE, **(config or {})}
-            self.model = AutoencoderKL(**cfg)
-            self.factor = 2 ** (len(cfg["block_out_channels"]) - 1)
-            self.channels = int(cfg["latent_channels"])
-        elif self.spec.startswith("tokenizer/"):
-            from zoo import registry
-
-            self.model = registry.entry(self.spec).factory(**(config or {}))
-            if not hasattr(self.model, "decode_latents"):
-                raise ValueError(f"COMiT vae {self.spec!r} is not a KL tokenizer (no decode_latents)")
-            self.factor = int(self.model.downsample)
-            self.channels = int(self.model.spec.dim)
-        else:
-            raise ValueError(f"COMiT vae must be a 'tokenizer/kl-*' name or 'diffusers:sd', got {spec!r}")
-        params_to_buffers(self.model.eval())
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec == "diffusers:sd":
-            return self.model.encode(x).latent_dist.mode()
-        m = self.model
-        return m.quantizer(m.quant_conv(m.encoder(x)), sample=False)[0]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.spec == "diffusers:sd":
-            # diffusers' Decoder.forward reads next(up_blocks.parameters()).dtype: none here (buffers)
-            m = self.model
-            d = m.decoder
-            h = d.conv_in(m.post_quant_conv(z))
-            h = d.mid_block(h, None)
-            for up in d.up_blocks:
-                h = up(h, None)
-            return d.conv_out(d.conv_act(d.conv_norm_out(h)))
-        return self.model.decode_latents(z)
 
 
 # ---- the predictor -----------------------------------------------------------------------------
@@ -351,7 +283,7 @@ class COMiT(Tokenizer):
 
     Args:
         image_size: S.
-        vae, vae_config: the frozen autoencoder (:class:`LatentVAE`).
+        vae, vae_config: the frozen autoencoder (:class:`tokenizers_vis.latent_vae.LatentVAE`).
         latent_scale, latent_shift: the predictor sees ``(z - shift) * scale`` of the VAE latent
             ``z`` (SD: 0.18215; kl-tiny latents measured std 1.06 on Shapes: 1.0).
         crop, stride: crop side and stride on the latent grid; ``2 * stride + crop`` must equal
@@ -677,31 +609,9 @@ class COMiT(Tokenizer):
 
     # ---- paper VAE weights ---------------------------------------------------------------------
     def load_vae_weights(self, source) -> None:
-        """Copy frozen VAE weights in: a module with the same state-dict names (e.g. a trained
-        ``tokenizer/kl-*``), or a local ``.safetensors`` file (a diffusers AutoencoderKL's
-        ``diffusion_pytorch_model.safetensors`` for ``vae="diffusers:sd"``). Strict."""
-        if isinstance(source, nn.Module):
-            state = source.state_dict()
-        else:
-            from safetensors.torch import load_file
-
-            state = load_file(str(source))
-        own = self.vae.model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"VAE weights do not fit {self.vae.spec}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.vae.model.load_state_dict(state, strict=True)
-
-
-def _with_vae(model: COMiT, source: str) -> COMiT:
-    """The tiny factory's step: copy the shipped KL weights into a fresh model (skipped on the
-    meta device, where no weights exist)."""
-    if model.centres.device.type == "meta":
-        return model
-    import zoo
-
-    model.load_vae_weights(zoo.create(source))
-    return model
+        """Copy frozen VAE weights in (:meth:`LatentVAE.load_weights`: a module with the same
+        state-dict names, or a local ``.safetensors`` file). Strict."""
+        self.vae.load_weights(source)
 
 
 # Shapes 64x64 -> kl-tiny 8x8x8 latents; 3x3 crops of 4x4 cells at stride 2 (32 px at stride 16, the
@@ -730,7 +640,7 @@ def comit_tiny(**overrides):
     cfg = {**TINY, **overrides}
     model = COMiT(**cfg)
     if cfg["vae"] == TINY["vae"] and not cfg.get("vae_config"):  # an overridden VAE stays random
-        _with_vae(model, TINY_VAE_WEIGHTS)
+        load_shipped_vae(model, TINY_VAE_WEIGHTS)
     return model
 
 
@@ -753,5 +663,5 @@ def comit_xl(**overrides):
     return COMiT(**{**COMIT_XL, **overrides})
 
 
-__all__ = ["COMiT", "LatentVAE", "MessageDiT", "StreamBlock", "adaptive_next_crop", "comit_interpolate",
-           "comit_velocity_target", "crop_centres", "params_to_buffers"]
+__all__ = ["COMiT", "MessageDiT", "StreamBlock", "adaptive_next_crop", "comit_interpolate",
+           "comit_velocity_target", "crop_centres"]
