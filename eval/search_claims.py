@@ -253,7 +253,9 @@ def write_section(path: Path, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.search_claims", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ordered", nargs=2, metavar=("TOK", "GEN"), help="ordered tokenizer + its AR generator")
+    p.add_argument("--ordered", nargs=2, metavar=("TOK", "GEN"),
+                   help="ordered tokenizer + its AR generator (GEN 'none': no ordered-AR rows; the tokenizer "
+                        "still feeds --uniform ordered)")
     p.add_argument("--grid", nargs=2, metavar=("TOK", "GEN"), help="grid tokenizer + its raster AR generator")
     p.add_argument("--uniform", choices=("ordered", "grid", "none"), default="ordered",
                    help="the tokenizer whose vocabulary the uniform prior draws from (default: the ordered one)")
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] or None
     metadatas = pick_prompts(a.prompts, tasks)
     setups = {}
-    if a.ordered:
+    if a.ordered and a.ordered[1] != "none":  # GEN "none": the tokenizer only feeds the uniform prior
         setups["ordered"] = Setup("ordered", *a.ordered, sampling, device, a.grid_fill)
     if a.grid:
         setups["grid"] = Setup("grid", *a.grid, sampling, device, a.grid_fill)

@@ -440,7 +440,7 @@ def _paper(enc_depth: int, dec_depth: int) -> dict:
                 levels=[8, 8, 8, 5, 5, 5], decoder="flow")
 
 
-@register("tokenizer/flextok-tiny", paper=FLEXTOK_PAPER)
+@register("tokenizer/flextok-tiny", paper=FLEXTOK_PAPER, weights={"shapes": "weights/tokenizer-flextok-tiny"})
 def flextok_tiny(**overrides):
     """Tiny FlexTok for Shapes 64x64: 32 ordered registers, FSQ 8·5·5·5 (1,000 codes), one-pass decoder."""
     return FlexTok(**{**TINY, **overrides})
