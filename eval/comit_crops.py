@@ -147,16 +147,14 @@ def main(argv=None) -> int:
     from eval.fid import emit_json
     from train.common import parse_num_objects
     from zoo.checkpoint import CheckpointError
-    from zoo.data.shapes import ShapesDataset
+    from eval.images import shapes_test_batch
     from zoo.pipeline import load_model
     from zoo.registry import UnknownModel
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         tok = load_model(args.tokenizer, "tokenizer").to(device)
-        ds = ShapesDataset("test", resolution=tok.image_size, num_objects=parse_num_objects(args.num_objects),
-                           length=args.images)
-        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        x, _ = shapes_test_batch(args.images, parse_num_objects(args.num_objects), tok.image_size)
         orders = [o.strip() for o in args.orders.split(",") if o.strip()]
         report = crops_curve(tok, x, orders=orders, steps=args.steps, cfg=args.cfg, seed=args.seed,
                              batch_size=args.batch_size, attributes=not args.no_attributes,

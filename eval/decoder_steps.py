@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     from eval.fid import emit_json
     from train.common import parse_num_objects
     from zoo.checkpoint import CheckpointError
-    from zoo.data.shapes import ShapesDataset
+    from eval.images import shapes_test_batch
     from zoo.pipeline import load_model
     from zoo.registry import UnknownModel
 
@@ -174,9 +174,7 @@ def main(argv=None) -> int:
         sizes = {t.image_size for t in toks.values()}
         if len(sizes) != 1:
             raise ValueError(f"the tokenizers take different image sizes {sorted(sizes)}")
-        ds = ShapesDataset("test", resolution=sizes.pop(), num_objects=parse_num_objects(args.num_objects),
-                           length=args.images)
-        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        x, _ = shapes_test_batch(args.images, parse_num_objects(args.num_objects), sizes.pop())
         report = compare(toks, x, steps, seed=args.seed, batch_size=args.batch_size,
                          attributes=not args.no_attributes, show=args.show if args.png else 0)
     except (ValueError, FileNotFoundError, UnknownModel, CheckpointError) as e:

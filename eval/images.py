@@ -5,6 +5,9 @@ tensors plus a description: a folder of PNG/JPEG files (sorted by name; not recu
 the samples ``samples.json`` lists when ``arzoo sample`` wrote the folder), an
 ADM-style ``.npz`` (``arr_0`` uint8 NHWC), or ``shapes:<split>[:N][:objects=1-4][:res=64]``.
 Used by ``arzoo eval fid`` / ``fid-job`` / ``recon`` (``eval/fid.py`` re-exports the names).
+``shapes_test_batch`` is the held-out Shapes batch (images in [-1, 1] + labels) that the
+tokenizer/generator probes (``eval.prefix_recon``, ``decoder_steps``, ``comit_crops``,
+``mask_loss``) measure on.
 """
 from __future__ import annotations
 
@@ -223,3 +226,13 @@ def open_images(source, *, default_resolution: int = 64) -> tuple[Dataset, dict]
     desc["num_images"] = len(ds)
     desc["image_size"] = _image_size(ds)
     return ds, desc
+
+
+def shapes_test_batch(num: int, num_objects=1, resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num`` Shapes test-split images as one float tensor in [-1, 1] ``(num, 3, R, R)``
+    and their class labels ``(num,)`` (-1 for multi-object scenes, as the dataset gives them)."""
+    from zoo.data.shapes import ShapesDataset
+
+    ds = ShapesDataset("test", resolution=resolution, num_objects=num_objects, length=num)
+    items = [ds[i] for i in range(num)]
+    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])

@@ -59,14 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result here")
     a = p.parse_args(argv)
-    from zoo.data.shapes import ShapesDataset
+    from eval.images import shapes_test_batch
     from zoo.pipeline import load_model
 
     gen, tok = load_model(a.generator, "generator"), load_model(a.tokenizer, "tokenizer").eval()
-    ds = ShapesDataset(split="test", num_objects=1, length=a.images)
-    items = [ds[i] for i in range(a.images)]
-    images = torch.stack([it["image"] for it in items])
-    labels = torch.tensor([it["label"] for it in items])
+    images, labels = shapes_test_batch(a.images, 1, tok.image_size)
     ratios = [float(r) for r in a.ratios.split(",")]
     res = mask_loss(gen, tok, images, labels, ratios, a.draws, a.seed)
     print("| mask ratio | " + " | ".join(f"{r:g}" for r in res) + " |")

@@ -29,14 +29,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from tokenizers_vis.flextok import prefix_metrics
     from train.common import parse_num_objects
-    from zoo.data.shapes import ShapesDataset
+    from eval.images import shapes_test_batch
     from zoo.pipeline import load_model
 
     tok = load_model(a.tokenizer, "tokenizer").eval()
     if not getattr(tok.spec, "ordered", False) or not hasattr(tok, "decode_prefix"):
         raise SystemExit(f"{a.tokenizer}: not an ordered tokenizer with decode_prefix ({tok.spec.describe()})")
-    ds = ShapesDataset(split="test", num_objects=parse_num_objects(a.num_objects), length=a.images)
-    images = torch.stack([ds[i]["image"] for i in range(a.images)])
+    images, _ = shapes_test_batch(a.images, parse_num_objects(a.num_objects), tok.image_size)
     with torch.no_grad():
         res = prefix_metrics(tok, images, batch_size=a.batch_size, attributes=not a.no_attributes)
     ks = list(res)

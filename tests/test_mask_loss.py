@@ -7,11 +7,9 @@ from eval.mask_loss import mask_loss
 
 
 def _data(n=6):
-    from zoo.data.shapes import ShapesDataset
+    from eval.images import shapes_test_batch
 
-    ds = ShapesDataset(split="test", num_objects=1, length=n)
-    items = [ds[i] for i in range(n)]
-    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+    return shapes_test_batch(n)
 
 
 def test_mask_loss_is_seeded_and_depends_on_the_ratio():
