@@ -45,8 +45,9 @@ from pathlib import Path
 
 import torch
 
+from generators.search import ALGORITHMS, BRANCHING
+
 START, END = "<!-- search-claims:start -->", "<!-- search-claims:end -->"
-ALGORITHMS = ("none", "best-of-n", "beam", "lookahead")
 PRIORS = ("ordered", "grid", "uniform")
 
 
@@ -133,7 +134,7 @@ def _weights_ident(source: str) -> str:
 
 
 def measure(setup: Setup, algorithm: str, budget: int | None, metadatas: list[dict], *, verifier, evaluator,
-            lookahead: int, seed: int, batch_size: int) -> dict:
+            lookahead: int, seed: int, batch_size: int, branching: str = "last") -> dict:
     """Run one row over all prompts; GenEval overall of the final images and the call counts."""
     from eval.geneval import summarize
     from generators.search import search
@@ -156,7 +157,8 @@ def measure(setup: Setup, algorithm: str, budget: int | None, metadatas: list[di
         g = torch.Generator(device=setup.prior.device).manual_seed(batch_seed(seed, start))
         res = search(algorithm, setup.prior, setup.decoder, None if algorithm == "none" else verifier, meta,
                      setup.condition(prompts[start:start + batch_size]), num_candidates=cands or 1,
-                     beams=beams or 1, lookahead=lookahead, generator=g, decode_seed=batch_seed(seed, start))
+                     beams=beams or 1, lookahead=lookahead, branching=branching, generator=g,
+                     decode_seed=batch_seed(seed, start))
         for k in totals:
             totals[k] += getattr(res, k)
         for img, m in zip(to_uint8(res.images).numpy(), meta):
@@ -267,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="8,32,128", help="verifier calls per prompt, comma-separated")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"subset of {','.join(ALGORITHMS)}")
     p.add_argument("--lookahead", type=int, default=8, help="greedy rollout tokens of lookahead search")
+    p.add_argument("--branching", choices=BRANCHING, default="last",
+                   help="beam candidates: 'last' (the reference: differ in the last new token, drawn without "
+                        "replacement) or 'independent' draws")
     p.add_argument("--verifier", choices=("geneval", "likelihood"), default="geneval")
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -317,6 +322,7 @@ def main(argv=None) -> int:
         key = _row_key(prior, algo, budget)
         ident = {"row": key, **setups[prior].ident(), "prompts": [m["prompt"] for m in metadatas],
                  "verifier": a.verifier, "cfg": a.cfg, "temperature": a.temperature, "lookahead": a.lookahead,
+                 **({"branching": a.branching} if algo in ("beam", "lookahead") else {}),
                  "grid_fill": a.grid_fill, "seed": a.seed, "batch_size": a.batch_size, "device": device}
         cache = out / f"{key}.json"
         if cache.is_file():
@@ -327,7 +333,7 @@ def main(argv=None) -> int:
         print(f"[search-claims] {key}: {len(metadatas)} prompts", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         results[key] = measure(setups[prior], algo, budget, metadatas, verifier=verifier, evaluator=evaluator,
-                               lookahead=a.lookahead, seed=a.seed, batch_size=a.batch_size)
+                               lookahead=a.lookahead, seed=a.seed, batch_size=a.batch_size, branching=a.branching)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ident": ident, "metrics": results[key]}, indent=2))
         tmp.replace(cache)
@@ -339,7 +345,8 @@ def main(argv=None) -> int:
         note = (f"Shapes-GenEval, {len(metadatas)} prompts (one image each), verifier `{a.verifier}`"
                 + (" (the evaluating detector itself: an oracle verifier)" if a.verifier == "geneval" else "")
                 + f", AR sampling cfg {a.cfg:g}, temperature {a.temperature:g}; budgets = verifier calls per "
-                  f"prompt; beam/lookahead use the B x C (B <= C) with the most calls within the budget.")
+                  f"prompt; beam/lookahead use the B x C (B <= C) with the most calls within the budget, "
+                  f"candidates branched `{a.branching}`.")
         write_section(Path(a.write), f"```bash\n{cmd}\n```\n\n{note}\n\n{text}")
     return 0
 

@@ -208,7 +208,8 @@ class RasterAR(Generator):
     # ---- prefix continuation (test-time search, generators/search.py) ----------------
     @torch.no_grad()
     def extend(self, prefix: torch.Tensor, n: int, cond: Condition | None,
-               sampling: SamplingConfig | None = None, generator: torch.Generator | None = None):
+               sampling: SamplingConfig | None = None, generator: torch.Generator | None = None,
+               branches: int = 1):
         """Continue ``prefix`` (flat token values ``(B, L, *per_token)``, ``0 <= L < N``) by ``n``
         tokens through the KV cache: one prefill of ``[condition] + prefix``, then one token per
         forward, with CFG, temperature and filters as :meth:`generate` (the CFG scale of token
@@ -216,20 +217,28 @@ class RasterAR(Generator):
         greedy and draws nothing from ``generator``. From an empty prefix with ``n = N`` it draws
         exactly what :meth:`generate` draws and returns the same tokens.
 
+        ``branches = C > 1`` (the SoTo reference's ``generate_ids(num_samples=C,
+        replacement=False)``): the first ``n - 1`` new tokens are drawn once per row and the
+        last one C times *without replacement* (greedy: the top C), so every row becomes C rows
+        (row-major, ``(B * C, L + n)``) that differ in their last token. Discrete ids only.
+
         Returns ``(ids (B, L + n, *per_token), logp (B, n))``: ``logp`` is the log-probability
         of each new token under the distribution it was drawn from (guided, tempered, filtered;
         for ``temperature=0``, the guided logits at temperature 1). Runs in eval mode.
         """
         sampling = self.sampling_config(sampling)
+        if branches < 1 or (branches > 1 and self.spec.kind != "discrete"):
+            raise ValueError(f"extend: branches must be >= 1 (> 1 only for discrete ids, drawn without "
+                             f"replacement), got {branches} for [{self.spec.describe()}]")
         was_training = self.training
         self.eval()
         try:
-            return self._extend_eval(prefix, int(n), cond, sampling, generator)
+            return self._extend_eval(prefix, int(n), cond, sampling, generator, int(branches))
         finally:
             self.transformer.clear_cache()
             self.train(was_training)
 
-    def _extend_eval(self, prefix, n, cond, sampling, generator):
+    def _extend_eval(self, prefix, n, cond, sampling, generator, branches=1):
         from generators.sampling import categorical_probs, cfg_logits
 
         dev = self.head.proj.weight.device
@@ -263,11 +272,12 @@ class RasterAR(Generator):
             scale = sampling.cfg_at(i, N)
             if use_cfg:
                 c, u = logits.chunk(2)
-                tok = self.head.sample(c, uncond=u, cfg=scale, **kw)
                 guided = cfg_logits(c, u, scale)
             else:
-                tok = self.head.sample(logits, **kw)
-                guided = logits
+                c, u, guided = logits, None, logits
+            if branches > 1 and j == n - 1:
+                return self._branch_last(prefix, new, logps, guided, sampling, generator, branches)
+            tok = self.head.sample(c, uncond=u, cfg=scale, **kw) if use_cfg else self.head.sample(logits, **kw)
             new.append(tok)
             if self.spec.kind == "binary":  # independent bits: sum of per-bit log-probabilities
                 z = guided.float() / (sampling.temperature or 1.0)
@@ -281,6 +291,29 @@ class RasterAR(Generator):
                     lp = guided.float().log_softmax(-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
                 logps.append(lp)
         return torch.cat((prefix, torch.stack(new, 1)), 1), torch.stack(logps, 1)
+
+    @staticmethod
+    def _branch_last(prefix, new, logps, guided, sampling, generator, C):
+        """The last new token drawn ``C`` times without replacement (greedy: the top C) from
+        the guided distribution; every row becomes C rows."""
+        from generators.sampling import categorical_probs
+
+        if sampling.temperature > 0:
+            probs = categorical_probs(guided, temperature=sampling.temperature, top_k=sampling.top_k,
+                                      top_p=sampling.top_p)
+            if int((probs > 0).sum(-1).min()) < C:
+                raise ValueError(f"extend: cannot draw {C} distinct last tokens: the filtered distribution "
+                                 f"keeps fewer ids (top_k={sampling.top_k}, top_p={sampling.top_p})")
+            last = torch.multinomial(probs, C, replacement=False, generator=generator)
+            lp = probs.gather(-1, last).log()
+        else:
+            last = guided.float().topk(C, -1).indices
+            lp = guided.float().log_softmax(-1).gather(-1, last)
+        rep = (lambda t: t.repeat_interleave(C, 0))  # noqa: E731
+        head = torch.cat((prefix, torch.stack(new, 1)), 1) if new else prefix
+        head_lp = torch.stack(logps, 1) if logps else lp.new_zeros(prefix.shape[0], 0)
+        ids = torch.cat((rep(head), last.reshape(-1, 1)), 1)
+        return ids, torch.cat((rep(head_lp), lp.reshape(-1, 1)), 1)
 
 
 # ---- registry -----------------------------------------------------------------------------

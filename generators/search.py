@@ -10,8 +10,8 @@ grid a prefix is the top rows of an image.
 
 Pieces (each replaceable):
 
-* a **prior** (:class:`Prior`): ``extend(prefix (B, L), n, cond, greedy=, generator=) ->
-  (ids (B, L+n), logp (B, n))``. :class:`ARPrior` wraps a generator with an ``extend`` method
+* a **prior** (:class:`Prior`): ``extend(prefix (B, L), n, cond, greedy=, generator=,
+  branches=) -> (ids (B * branches, L+n), logp (B * branches, n))``. :class:`ARPrior` wraps a generator with an ``extend`` method
   (``RasterAR.extend``: KV-cache continuation with CFG as ``generate``); :class:`UniformPrior`
   draws i.i.d. uniform ids and needs no model (the paper's training-free uniform prior), so
   every algorithm runs on either.
@@ -38,10 +38,14 @@ Algorithms (all batched over prompts; deterministic given the ``torch.Generator`
   N verifier calls and N decodes per prompt.
 * :func:`beam_search` -- B beams x C candidates; the token schedule gives cumulative lengths
   (``geometric`` base 2: 1, 2, 4, ..., N; ``linear``; ``fixed``; or an explicit list). Step 0
-  starts from one empty beam; at every step each beam is extended C times by sampling
-  ``schedule[s] - len`` new tokens, every candidate prefix is decoded and scored, and the top
-  B by the *current* score are kept (scores are not accumulated). Per prompt:
-  ``C + (steps - 1) * B * C`` verifier calls and as many decodes (``B <= C``).
+  starts from one empty beam; at every step each beam grows to ``schedule[s]`` tokens in C
+  candidates, every candidate prefix is decoded and scored, and the top B by the *current*
+  score are kept (scores are not accumulated). Per prompt: ``C + (steps - 1) * B * C``
+  verifier calls and as many decodes (``B <= C``). How the C candidates of a beam are drawn
+  (``branching``): ``"last"`` (default, the reference ``generate_ids(num_samples=C,
+  replacement=False)``): the first ``n - 1`` new tokens once per beam, the last one C times
+  without replacement, so the candidates differ in their last token only; ``"independent"``
+  (the paper's wording): C independent draws of all ``n`` new tokens.
 * :func:`lookahead_search` -- beam search where each candidate is first rolled out greedily
   (argmax, no random draws) by ``L`` extra tokens (``-1``: to the end) before it is decoded
   and scored; only the un-extended prefix stays in the beam. Same call counts as beam search,
@@ -49,9 +53,8 @@ Algorithms (all batched over prompts; deterministic given the ``torch.Generator`
 
 Deviations from the reference code (soto, commit 7b30738):
 
-* Candidates are C *independent* continuations of a beam (the paper's description). The
-  reference ``generate_ids`` samples the first ``n - 1`` new tokens once per beam and branches
-  only at the last new token, drawing the C last tokens without replacement.
+* ``branching="last"`` follows the reference's candidates; ``"independent"`` (C independent
+  continuations of a beam, how the paper describes them) is an option.
 * The schedule always ends at N (N is appended when the schedule stops short; the reference
   stops after ``max_steps`` and has an optional ``complete_after_search``), so every result is
   a full sequence and its image is the one that was scored.
@@ -84,16 +87,19 @@ PAPER = ("(1D) Ordered Tokens Enable Efficient Test-Time Search (SoTo), arXiv 26
 
 ALGORITHMS = ("none", "best-of-n", "beam", "lookahead")
 SCHEDULES = ("geometric", "linear", "fixed")
+BRANCHING = ("last", "independent")
 
 
 # ---- priors ---------------------------------------------------------------------------------
 class Prior:
     """A distribution over token sequences that can continue a prefix.
 
-    ``extend(prefix (B, L) int64, n, cond, *, greedy=False, temperature=None, generator=None)``
-    returns ``(ids (B, L + n), logp (B, n))`` with ``logp`` the log-probability of each new
-    token. ``cond`` is a :class:`generators.base.Condition` with one row per prefix row (or
-    None). ``greedy`` takes the argmax and must not draw from ``generator``.
+    ``extend(prefix (B, L) int64, n, cond, *, greedy=False, temperature=None, generator=None,
+    branches=1)`` returns ``(ids (B, L + n), logp (B, n))`` with ``logp`` the log-probability
+    of each new token. ``cond`` is a :class:`generators.base.Condition` with one row per prefix
+    row (or None). ``greedy`` takes the argmax and must not draw from ``generator``.
+    ``branches = C > 1``: the last new token is drawn C times without replacement (greedy: the
+    top C), every row becoming C consecutive rows (``(B * C, L + n)``).
     """
 
     num_tokens: int
@@ -102,7 +108,7 @@ class Prior:
     name: str = "prior"
 
     def extend(self, prefix: torch.Tensor, n: int, cond=None, *, greedy: bool = False,
-               temperature: float | None = None, generator: torch.Generator | None = None):
+               temperature: float | None = None, generator: torch.Generator | None = None, branches: int = 1):
         raise NotImplementedError
 
 
@@ -134,7 +140,7 @@ class ARPrior(Prior):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def extend(self, prefix, n, cond=None, *, greedy=False, temperature=None, generator=None):
+    def extend(self, prefix, n, cond=None, *, greedy=False, temperature=None, generator=None, branches=1):
         import copy
 
         s = copy.copy(self.sampling)
@@ -145,8 +151,9 @@ class ARPrior(Prior):
         ids, logps = [], []
         for a in range(0, prefix.shape[0], self.max_rows):
             b = min(a + self.max_rows, prefix.shape[0])
+            kw = {"branches": branches} if branches != 1 else {}
             i, lp = self.model.extend(prefix[a:b], n, None if cond is None else cond_rows(cond, slice(a, b)),
-                                      s, generator=None if greedy else generator)
+                                      s, generator=None if greedy else generator, **kw)
             ids.append(i)
             logps.append(lp)
         return torch.cat(ids), torch.cat(logps)
@@ -171,14 +178,20 @@ class UniformPrior(Prior):
             raise IncompatibleTokens(f"a uniform prior over ids needs discrete tokens, got [{spec.describe()}]")
         return cls(spec.vocab_size, spec.num_tokens, device)
 
-    def extend(self, prefix, n, cond=None, *, greedy=False, temperature=None, generator=None):
+    def extend(self, prefix, n, cond=None, *, greedy=False, temperature=None, generator=None, branches=1):
         B, L = prefix.shape[0], prefix.shape[1]
         if n < 1 or L + n > self.num_tokens:
             raise ValueError(f"extend: need 1 <= n and prefix length + n <= {self.num_tokens}, got {L} and n={n}")
+        if not 1 <= branches <= self.vocab_size:
+            raise ValueError(f"extend: branches must be in [1, {self.vocab_size}], got {branches}")
         gdev = generator.device if generator is not None else self.device
-        new = torch.randint(0, self.vocab_size, (B, n), generator=generator, device=gdev).to(prefix.device)
-        logp = torch.full((B, n), -math.log(self.vocab_size), device=prefix.device)
-        return torch.cat((prefix.long(), new), 1), logp
+        new = torch.randint(0, self.vocab_size, (B, n - (branches > 1)), generator=generator, device=gdev)
+        ids = torch.cat((prefix.long(), new.to(prefix.device)), 1)
+        if branches > 1:  # C distinct last ids per row
+            last = torch.rand(B, self.vocab_size, generator=generator, device=gdev).argsort(1)[:, :branches]
+            ids = torch.cat((ids.repeat_interleave(branches, 0), last.reshape(-1, 1).to(prefix.device)), 1)
+        logp = torch.full((B * branches, n), -math.log(self.vocab_size), device=prefix.device)
+        return ids, logp
 
 
 def cond_rows(cond, idx):
@@ -383,10 +396,13 @@ class _Run:
     def N(self) -> int:
         return self.prior.num_tokens
 
-    def extend(self, prefix, n, owner, greedy=False):
-        """Continue rows ``prefix`` whose prompt indices are ``owner`` by ``n`` tokens."""
+    def extend(self, prefix, n, owner, greedy=False, branches=1):
+        """Continue rows ``prefix`` whose prompt indices are ``owner`` by ``n`` tokens (each row
+        into ``branches`` rows differing in the last token). ``prior_tokens`` counts the token
+        positions the prior computed (a branched last token is one position)."""
+        kw = {"branches": branches} if branches != 1 else {}
         ids, lp = self.prior.extend(prefix, n, cond_rows(self.cond, owner), greedy=greedy,
-                                    generator=self.generator)
+                                    generator=self.generator, **kw)
         self.prior_tokens += prefix.shape[0] * n
         return ids, lp.sum(1)
 
@@ -476,15 +492,20 @@ def best_of_n(prior: Prior, decoder: PrefixDecoder | None, verifier, prompts: Se
 def beam_search(prior: Prior, decoder: PrefixDecoder | None, verifier, prompts: Sequence[Any], cond=None, *,
                 beams: int = 5, candidates: int = 10, schedule: str | Sequence[int] = "geometric",
                 geometric_base: float = 2.0, tokens_per_step: int = 1, lookahead: int = 0,
-                generator: torch.Generator | None = None, decode_seed: int = 0) -> SearchResult:
+                branching: str = "last", generator: torch.Generator | None = None,
+                decode_seed: int = 0) -> SearchResult:
     """Beam search over token prefixes (``lookahead > 0`` or ``-1``: :func:`lookahead_search`).
 
-    Step ``s`` grows every beam to ``schedule[s]`` tokens C times, scores each candidate
-    (after a greedy rollout of ``lookahead`` tokens when set) and keeps the ``beams`` best
-    candidates of each prompt by their current score. Returns the best beam of the last step.
+    Step ``s`` grows every beam to ``schedule[s]`` tokens in C candidates (``branching``:
+    ``"last"``, the reference's, differ in the last new token, drawn without replacement;
+    ``"independent"``: C independent continuations), scores each candidate (after a greedy
+    rollout of ``lookahead`` tokens when set) and keeps the ``beams`` best candidates of each
+    prompt by their current score. Returns the best beam of the last step.
     """
     if beams < 1 or candidates < 1:
         raise ValueError(f"beam search needs beams >= 1 and candidates >= 1, got {beams}, {candidates}")
+    if branching not in BRANCHING:
+        raise ValueError(f"branching must be one of {BRANCHING}, got {branching!r}")
     if not (lookahead >= 0 or lookahead == -1):
         raise ValueError(f"lookahead must be >= 0 or -1 (to the end), got {lookahead}")
     run = _Run(prior, decoder, verifier, cond, prompts, generator, decode_seed)
@@ -497,8 +518,10 @@ def beam_search(prior: Prior, decoder: PrefixDecoder | None, verifier, prompts: 
     step_scores = []
     for target in sched:
         owner = torch.arange(P, device=run.device).repeat_interleave(nb * C)
-        rows = cur.repeat_interleave(C, 0)
-        cand, lp = run.extend(rows, target - rows.shape[1], owner)
+        if branching == "last":
+            cand, lp = run.extend(cur, target - cur.shape[1], owner[::C], branches=C)
+        else:
+            cand, lp = run.extend(cur.repeat_interleave(C, 0), target - cur.shape[1], owner)
         lp = cur_lp.repeat_interleave(C) + lp
         scored, scored_lp = cand, lp
         if lookahead and target < run.N:
@@ -514,7 +537,7 @@ def beam_search(prior: Prior, decoder: PrefixDecoder | None, verifier, prompts: 
         nb = k
         step_scores.append(scores.view(P, k)[:, 0].cpu())
     best = torch.arange(P, device=run.device) * nb      # beams are sorted best-first
-    settings = {"beams": beams, "candidates": candidates, "schedule": sched}
+    settings = {"beams": beams, "candidates": candidates, "schedule": sched, "branching": branching}
     if lookahead:
         settings["lookahead"] = lookahead
     return run.result(cur[best], None if images is None else images[best], scores[best],
@@ -545,12 +568,12 @@ def beam_verifier_calls(num_tokens: int, beams: int, candidates: int, schedule="
 def search(algorithm: str, prior: Prior, decoder: PrefixDecoder | None, verifier, prompts: Sequence[Any],
            cond=None, *, num_candidates: int = 10, beams: int = 5, lookahead: int = 8,
            schedule: str | Sequence[int] = "geometric", geometric_base: float = 2.0, tokens_per_step: int = 1,
-           generator: torch.Generator | None = None, decode_seed: int = 0) -> SearchResult:
+           branching: str = "last", generator: torch.Generator | None = None, decode_seed: int = 0) -> SearchResult:
     """One entry point: ``algorithm`` in :data:`ALGORITHMS` (``num_candidates`` is N for
     best-of-N and C for beam / lookahead)."""
     common = dict(generator=generator, decode_seed=decode_seed)
     beam_kw = dict(beams=beams, candidates=num_candidates, schedule=schedule, geometric_base=geometric_base,
-                   tokens_per_step=tokens_per_step, **common)
+                   tokens_per_step=tokens_per_step, branching=branching, **common)
     if algorithm == "none":
         return sample_once(prior, decoder, prompts, cond, verifier=verifier, **common)
     if algorithm == "best-of-n":
@@ -562,6 +585,6 @@ def search(algorithm: str, prior: Prior, decoder: PrefixDecoder | None, verifier
     raise ValueError(f"unknown search algorithm {algorithm!r}; expected one of {ALGORITHMS}")
 
 
-__all__ = ["ALGORITHMS", "ARPrior", "OrderedDecoder", "PaddedDecoder", "PrefixDecoder", "Prior", "SCHEDULES",
+__all__ = ["ALGORITHMS", "ARPrior", "BRANCHING", "OrderedDecoder", "PaddedDecoder", "PrefixDecoder", "Prior", "SCHEDULES",
            "SearchResult", "UniformPrior", "beam_search", "beam_verifier_calls", "best_of_n", "call_verifier",
            "cond_rows", "lookahead_search", "make_decoder", "sample_once", "search", "token_schedule"]

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", default="geometric",
                    help="token schedule: geometric (1, 2, 4, ..., N), linear, fixed, or lengths '1,4,16'")
     t.add_argument("--tokens-per-step", type=int, default=1, help="tokens per step of the linear schedule")
+    t.add_argument("--branching", choices=("last", "independent"), default="last",
+                   help="beam candidates: 'last' (the reference: C distinct last tokens per beam) or 'independent'")
     t.add_argument("--prior", choices=("generator", "uniform"), default="generator",
                    help="uniform: i.i.d. uniform tokens instead of the generator (training-free search)")
     t.add_argument("--grid-fill", type=int, default=0,
@@ -366,7 +368,8 @@ def run_search(args, pipe, parts, per_classes, per_prompts, metadatas):
         g = torch.Generator(device=device).manual_seed(batch_seed(args.seed, start))
         res = search(args.search, prior, decoder, verifier, prompts[start:stop], cond[start:stop].to(device),
                      num_candidates=args.num_candidates, beams=args.beams, lookahead=args.lookahead,
-                     schedule=args.schedule, tokens_per_step=args.tokens_per_step, generator=g,
+                     schedule=args.schedule, tokens_per_step=args.tokens_per_step, branching=args.branching,
+                     generator=g,
                      decode_seed=batch_seed(args.seed, start))
         images.append(to_uint8(res.images))
         for k in totals:

@@ -158,18 +158,20 @@ def test_lookahead_scores_the_rollout_but_keeps_the_prefix():
 
 def test_search_with_a_perfect_verifier_beats_best_of_one():
     """The verifier is the (negative) distance to a target image, which the target tokens reach
-    exactly; at equal seeds beam search gets at least best-of-1's score on every prompt."""
+    exactly; beam search (either way of branching) beats best-of-8, which beats one sample."""
     tok = _tok()
     target = tok.decode_prefix(torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]]))
     ver = lambda images, prompts: -(images - target).pow(2).flatten(1).mean(1)  # noqa: E731
     prior, dec, P = UniformPrior.for_spec(SEQ), make_decoder(tok), 12
     one = sample_once(prior, dec, ["t"] * P, verifier=ver, generator=torch.Generator().manual_seed(0))
-    beam = beam_search(prior, dec, ver, ["t"] * P, beams=3, candidates=8, generator=torch.Generator().manual_seed(0))
     bon = best_of_n(prior, dec, ver, ["t"] * P, n=8, generator=torch.Generator().manual_seed(0))
-    assert (beam.scores >= one.scores).all()
-    assert beam.scores.mean() > bon.scores.mean() > one.scores.mean()
-    # the score returned is the verifier's score of the returned image
-    torch.testing.assert_close(beam.scores, ver(beam.images, None))
+    assert bon.scores.mean() > one.scores.mean()
+    for branching in ("last", "independent"):
+        beam = beam_search(prior, dec, ver, ["t"] * P, beams=3, candidates=8, branching=branching,
+                           generator=torch.Generator().manual_seed(0))
+        assert beam.scores.mean() > bon.scores.mean(), branching
+        # the score returned is the verifier's score of the returned image
+        torch.testing.assert_close(beam.scores, ver(beam.images, None))
 
 
 # ---- priors ----------------------------------------------------------------------------------------
@@ -349,3 +351,70 @@ def test_search_claims_writes_the_table_and_caches_rows(tmp_path, monkeypatch):
     assert sc.beam_config(410, 256) == (5, 10)          # the reference's configuration
     tasks = [m["tag"] for m in sc.pick_prompts(7)]
     assert tasks[:6] == ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+
+
+# ---- branching of beam candidates (reference: the last new token, without replacement) --------
+def _assert_branched(tokens, C):
+    """Rows in groups of C consecutive rows: equal but for the last token, which is distinct."""
+    g = tokens.view(-1, C, tokens.shape[1])
+    assert torch.equal(g[:, :, :-1], g[:, :1, :-1].expand_as(g[:, :, :-1]))
+    assert all(len(set(row.tolist())) == C for row in g[:, :, -1])
+
+
+@pytest.mark.parametrize("make_prior", [lambda: UniformPrior.for_spec(SEQ),
+                                        lambda: ARPrior(tiny_raster_ar(SEQ), SamplingConfig(cfg=2.0))])
+def test_beam_candidates_branch_at_the_last_new_token(make_prior):
+    """branching='last' (default): at every step the C candidates of a beam share all new tokens
+    but the last, and their last tokens are distinct; 'independent' draws whole continuations."""
+    from zoo.data.text import encode
+
+    C = 4
+    cond = Condition(text=encode(["a red circle", "two blue squares"], max_len=16))
+    ver = Recorder(seed=3)
+    beam_search(make_prior(), make_decoder(_tok()), ver, ["a", "b"], cond, beams=2, candidates=C,
+                generator=torch.Generator().manual_seed(0))
+    for call in ver.calls:
+        _assert_branched(call["tokens"], C)
+    ind = Recorder(seed=3)
+    beam_search(make_prior(), make_decoder(_tok()), ind, ["a", "b"], cond, beams=2, candidates=C,
+                branching="independent", generator=torch.Generator().manual_seed(0))
+    last = ind.calls[-1]["tokens"].view(-1, C, SEQ.num_tokens)   # 4 new tokens per candidate
+    assert not torch.equal(last[:, :, :-1], last[:, :1, :-1].expand_as(last[:, :, :-1]))
+    with pytest.raises(ValueError, match="branching"):
+        beam_search(make_prior(), make_decoder(_tok()), ver, ["a"], beams=1, candidates=2, branching="first")
+
+
+def test_raster_ar_extend_branches_the_last_token_without_replacement():
+    """extend(..., branches=C): the first n-1 new tokens are the unbranched draws (same
+    generator), the last is C distinct ids; its log-prob is the model's; greedy takes the top C."""
+    from zoo.data.text import encode
+
+    m = tiny_raster_ar(SEQ)
+    cond = Condition(text=encode(["a red circle", "a blue square"], max_len=16))
+    prefix = torch.tensor([[1, 2], [3, 4]])
+    s = SamplingConfig()
+    ids, lp = m.extend(prefix, 3, cond, s, torch.Generator().manual_seed(0), branches=5)
+    assert ids.shape == (10, 5) and lp.shape == (10, 3)
+    _assert_branched(ids, 5)
+    plain, _ = m.extend(prefix, 2, cond, s, torch.Generator().manual_seed(0))
+    assert torch.equal(ids[::5, :4], plain)
+    full = lambda t: Tokens(torch.cat((t, t.new_zeros(t.shape[0], 8 - t.shape[1])), 1), SEQ)  # noqa: E731 (causal)
+    rows = Condition(text=cond.text.repeat_interleave(5, 0))
+    want = m.logits(full(ids), rows).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)[:, 2:]
+    torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+    greedy, _ = m.extend(prefix, 1, cond, SamplingConfig(temperature=0.0), branches=3)
+    top = m.logits(full(greedy), Condition(text=cond.text.repeat_interleave(3, 0)))[::3, 2].topk(3, -1)
+    assert torch.equal(greedy[:, 2].view(2, 3), top.indices)
+    with pytest.raises(ValueError, match="distinct"):
+        m.extend(prefix, 1, cond, SamplingConfig(top_k=2), torch.Generator().manual_seed(0), branches=3)
+
+
+def test_uniform_prior_branches():
+    u = UniformPrior.for_spec(SEQ)
+    ids, lp = u.extend(torch.tensor([[1, 2]]).repeat(3, 1), 4, None, generator=torch.Generator().manual_seed(0),
+                       branches=6)
+    assert ids.shape == (18, 6) and lp.shape == (18, 4)
+    _assert_branched(ids, 6)
+    assert torch.equal(ids[:, :2], torch.tensor([[1, 2]]).expand(18, 2))
+    with pytest.raises(ValueError, match="branches"):
+        u.extend(torch.zeros(1, 0, dtype=torch.long), 1, branches=17)
