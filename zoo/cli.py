@@ -126,7 +126,7 @@ PASSTHROUGH = {
     "sample": ("sample.cli", "sample images from a tokenizer + generator"),
     "bench": ("eval.bench", "sampling benchmark table"),
     "eval": ("eval.cli", "evaluation: fid | fid-job | geneval | recon | train-features"),
-    "convert": ("zoo.convert", "convert an official checkpoint (LlamaGen, VAR, MAR, NAR) to arzoo's format"),
+    "convert": ("zoo.convert", "convert an official checkpoint (LlamaGen, NAR, VAR, MVAR, MAR) to arzoo's format"),
 }
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("llamagen", "var", "mar", "nar")
+FAMILIES = ("llamagen", "var", "mar", "nar", "mvar")
 
 
 @dataclass
