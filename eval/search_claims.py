@@ -6,12 +6,12 @@ tokens scale better with search than 2D grid tokens under the same search and ve
 (3) search over a uniform prior (no AR model) generates something. This command measures
 them on Shapes-GenEval::
 
-    python -m eval.search_claims --ordered tokenizer/flextok-tiny:shapes ORDERED_AR \\
-        --grid tokenizer/vq-tiny:shapes generator/raster-ar-tiny:shapes \\
-        --prompts 60 --budgets 8,32,128 --write checkpoints.md
+    python -m eval.search_claims --ordered tokenizer/flextok-tiny:shapes generator/raster-ar-tiny:shapes-flextok \\
+        --grid tokenizer/vq-tiny:shapes generator/raster-ar-tiny:shapes-multi \\
+        --prompts 96 --budgets 8,32,128 --cfg 2.0 --write checkpoints.md
 
-(``ORDERED_AR``: a raster AR trained on the ordered tokens -- none is shipped yet; ``none``
-measures the uniform prior over the ordered tokenizer's vocabulary only.)
+(the ordered AR and the grid raster AR were trained on the same 1-4-object scenes; ``--ordered
+TOK none`` measures the uniform prior over the ordered tokenizer's vocabulary only.)
 
 Rows: for each prior -- ``ordered`` (the ordered AR + its tokenizer's prefix decode), ``grid``
 (raster AR over a grid; partial grids are decoded padded with ``--grid-fill``, the GridTok
