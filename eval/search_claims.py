@@ -134,7 +134,8 @@ def _weights_ident(source: str) -> str:
 
 
 def measure(setup: Setup, algorithm: str, budget: int | None, metadatas: list[dict], *, verifier, evaluator,
-            lookahead: int, seed: int, batch_size: int, branching: str = "last") -> dict:
+            lookahead: int, seed: int, batch_size: int, branching: str = "last",
+            beam_shape: tuple[int, int] | None = None) -> dict:
     """Run one row over all prompts; GenEval overall of the final images and the call counts."""
     from eval.geneval import summarize
     from generators.search import search
@@ -142,9 +143,14 @@ def measure(setup: Setup, algorithm: str, budget: int | None, metadatas: list[di
 
     beams = cands = None
     if algorithm in ("beam", "lookahead"):
-        bc = beam_config(budget, setup.prior.num_tokens)
+        bc = beam_config(budget, setup.prior.num_tokens) if beam_shape is None else beam_shape
         if bc is None:
             return {"skipped": f"budget {budget} < the {setup.prior.num_tokens}-token schedule's steps"}
+        if beam_shape is not None:
+            from generators.search import beam_verifier_calls
+
+            if (calls := beam_verifier_calls(setup.prior.num_tokens, *bc)) > budget:
+                return {"skipped": f"{bc[0]} x {bc[1]} needs {calls} calls > budget {budget}"}
         beams, cands = bc
     elif algorithm == "best-of-n":
         cands = budget
@@ -269,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="8,32,128", help="verifier calls per prompt, comma-separated")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"subset of {','.join(ALGORITHMS)}")
     p.add_argument("--lookahead", type=int, default=8, help="greedy rollout tokens of lookahead search")
+    p.add_argument("--beam-shape", metavar="BxC", default=None,
+                   help="fixed beams x candidates for every beam/lookahead row (default: the shape with the most "
+                        "calls within each budget, which can differ between priors of different lengths)")
     p.add_argument("--branching", choices=BRANCHING, default="last",
                    help="beam candidates: 'last' (the reference: differ in the last new token, drawn without "
                         "replacement) or 'independent' draws")
@@ -298,6 +307,13 @@ def main(argv=None) -> int:
     algos = [s.strip() for s in a.algorithms.split(",") if s.strip()]
     if not algos or any(s not in ALGORITHMS for s in algos):
         raise SystemExit(f"--algorithms takes a subset of {','.join(ALGORITHMS)}, got {a.algorithms!r}")
+    beam_shape = None
+    if a.beam_shape:
+        try:
+            beam_shape = tuple(int(v) for v in a.beam_shape.lower().split("x"))
+            assert len(beam_shape) == 2 and 1 <= beam_shape[0] <= beam_shape[1]
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--beam-shape takes BxC with 1 <= B <= C, got {a.beam_shape!r}") from None
     if a.ordered is None and a.grid is None:
         raise SystemExit("pass --ordered TOK GEN and/or --grid TOK GEN")
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -323,6 +339,7 @@ def main(argv=None) -> int:
         ident = {"row": key, **setups[prior].ident(), "prompts": [m["prompt"] for m in metadatas],
                  "verifier": a.verifier, "cfg": a.cfg, "temperature": a.temperature, "lookahead": a.lookahead,
                  **({"branching": a.branching} if algo in ("beam", "lookahead") else {}),
+                 **({"beam_shape": list(beam_shape)} if beam_shape and algo in ("beam", "lookahead") else {}),
                  "grid_fill": a.grid_fill, "seed": a.seed, "batch_size": a.batch_size, "device": device}
         cache = out / f"{key}.json"
         if cache.is_file():
@@ -333,7 +350,8 @@ def main(argv=None) -> int:
         print(f"[search-claims] {key}: {len(metadatas)} prompts", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         results[key] = measure(setups[prior], algo, budget, metadatas, verifier=verifier, evaluator=evaluator,
-                               lookahead=a.lookahead, seed=a.seed, batch_size=a.batch_size, branching=a.branching)
+                               lookahead=a.lookahead, seed=a.seed, batch_size=a.batch_size, branching=a.branching,
+                               beam_shape=beam_shape)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"ident": ident, "metrics": results[key]}, indent=2))
         tmp.replace(cache)
@@ -346,7 +364,8 @@ def main(argv=None) -> int:
                 + (" (the evaluating detector itself: an oracle verifier)" if a.verifier == "geneval" else "")
                 + f", AR sampling cfg {a.cfg:g}, temperature {a.temperature:g}; budgets = verifier calls per "
                   f"prompt; beam/lookahead use the B x C (B <= C) with the most calls within the budget, "
-                  f"candidates branched `{a.branching}`.")
+                  f"candidates branched `{a.branching}`."
+                + (f" Beam/lookahead shape fixed at {beam_shape[0]} x {beam_shape[1]}." if beam_shape else ""))
         write_section(Path(a.write), f"```bash\n{cmd}\n```\n\n{note}\n\n{text}")
     return 0
 

@@ -347,6 +347,18 @@ def test_search_claims_writes_the_table_and_caches_rows(tmp_path, monkeypatch):
         # a second run reads every row from the cache
         monkeypatch.setattr(sc, "measure", lambda *a, **k: pytest.fail("row was not cached"))
         assert sc.main(argv) == 0
+        # --beam-shape: the same B x C in every beam/lookahead row; a budget it exceeds is skipped
+        shaped = ["--ordered", otok, gen, "--prompts", "2", "--budgets", "6,40", "--algorithms", "beam",
+                  "--beam-shape", "2x3", "--uniform", "none", "--out", str(tmp_path / "shaped"), "--device", "cpu"]
+        monkeypatch.undo()
+        assert sc.main(shaped) == 0
+        rows = {json.loads(f.read_text())["ident"]["row"]: json.loads(f.read_text())["metrics"]
+                for f in (tmp_path / "shaped").glob("*.json")}
+        assert "skipped" in rows["ordered-beam-6"]                    # 2 x 3 needs 3 + 3 * 6 = 21 calls
+        assert (rows["ordered-beam-40"]["beams"], rows["ordered-beam-40"]["candidates"]) == (2, 3)
+        assert rows["ordered-beam-40"]["verifier_calls_per_prompt"] == beam_verifier_calls(8, 2, 3) == 21
+        with pytest.raises(SystemExit, match="beam-shape"):
+            sc.main(shaped[:-4] + ["--beam-shape", "3x2"])
     assert sc.beam_config(2, 8) is None                 # fewer calls than steps
     assert sc.beam_config(410, 256) == (5, 10)          # the reference's configuration
     tasks = [m["tag"] for m in sc.pick_prompts(7)]
