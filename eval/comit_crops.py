@@ -31,6 +31,8 @@ import sys
 
 import torch
 
+from eval.images import add_probe_args
+
 ORDERS = ("raster", "random", "adaptive")
 
 
@@ -127,18 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.comit_crops", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="COMiT checkpoint folder, registry name or name:tag")
-    p.add_argument("--images", type=int, default=64, help="Shapes test images")
-    p.add_argument("--num-objects", default="1-4", help="Shapes objects per image: N or MIN-MAX")
     p.add_argument("--orders", default=",".join(ORDERS), help="comma-separated subset of raster,random,adaptive")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="APG guidance (default: the model's; 1 = none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--no-attributes", action="store_true", help="skip the Shapes attribute agreement")
-    p.add_argument("--png", metavar="PATH", help="write example rows (original + 9 decodes) here")
-    p.add_argument("--show", type=int, default=4, help="images per order in --png")
-    p.add_argument("--json", metavar="PATH", help="write the report here")
+    add_probe_args(p, images=64, png_help="write example rows (original + 9 decodes) here",
+                   show_help="images per order in --png")
     return p
 
 

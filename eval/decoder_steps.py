@@ -34,6 +34,8 @@ import sys
 
 import torch
 
+from eval.images import add_probe_args
+
 DEFAULT_STEPS = (1, 2, 25)
 ATTRIBUTE_KEYS = ("count", "colors", "shapes", "objects", "single_object_class")
 
@@ -143,15 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", action="append", required=True, metavar="[LABEL=]SPEC",
                    help="checkpoint folder, registry name or name:tag; repeat to compare side by side")
     p.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="comma-separated step counts")
-    p.add_argument("--images", type=int, default=128, help="Shapes test images")
-    p.add_argument("--num-objects", default="1-4", help="Shapes objects per image: N or MIN-MAX")
-    p.add_argument("--seed", type=int, default=0, help="decode noise seed")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--no-attributes", action="store_true", help="skip the Shapes attribute agreement")
-    p.add_argument("--png", metavar="PATH", help="write example rows (original + one decode per step count)")
-    p.add_argument("--show", type=int, default=4, help="images per tokenizer in --png")
-    p.add_argument("--json", metavar="PATH", help="write the report here")
+    add_probe_args(p, images=128, seed_help="decode noise seed",
+                   png_help="write example rows (original + one decode per step count)",
+                   show_help="images per tokenizer in --png")
     return p
 
 

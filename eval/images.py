@@ -228,6 +228,20 @@ def open_images(source, *, default_resolution: int = 64) -> tuple[Dataset, dict]
     return ds, desc
 
 
+def add_probe_args(p, *, images: int, png_help: str, show_help: str, seed_help: str | None = None) -> None:
+    """The options every reconstruction probe on held-out Shapes images takes (``eval.comit_crops``,
+    ``eval.decoder_steps``): the image batch, decode seed, device, attribute agreement and outputs."""
+    p.add_argument("--images", type=int, default=images, help="Shapes test images")
+    p.add_argument("--num-objects", default="1-4", help="Shapes objects per image: N or MIN-MAX")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-attributes", action="store_true", help="skip the Shapes attribute agreement")
+    p.add_argument("--png", metavar="PATH", help=png_help)
+    p.add_argument("--show", type=int, default=4, help=show_help)
+    p.add_argument("--json", metavar="PATH", help="write the report here")
+
+
 def shapes_test_batch(num: int, num_objects=1, resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``num`` Shapes test-split images as one float tensor in [-1, 1] ``(num, 3, R, R)``
     and their class labels ``(num,)`` (-1 for multi-object scenes, as the dataset gives them)."""
