@@ -21,8 +21,8 @@ same code as LabShuHangGU/MVAR) releases, on the Hugging Face repo ``CVLUESTC/MV
     arzoo convert --from mvar mvar-finetune-d24.pth --model generator/mvar-d24 --tokenizer ckpt/msvq-var \
         --out ckpt/mvar-d24
 
-File layout. ``run_mvar_evaluate.py`` / ``run_mvar_demo.py`` read ``torch.load(f)["mvar_wo_ddp"]``
-(with ``weights_only=False``); ``train.py`` saves ``{"epoch", "iter", "trainer": {"config",
+File layout. ``run_mvar_evaluate.py`` / ``run_mvar_demo.py`` take ``ckpt["mvar_wo_ddp"]`` from an
+unrestricted (pickle-executing) load; ``train.py`` saves ``{"epoch", "iter", "trainer": {"config",
 "mvar_wo_ddp", "mvar_opt"}, "args"}``. Accepted here: that training file, the trainer dict,
 ``{"mvar_wo_ddp": ...}`` alone, or a bare state dict -- all read with
 ``torch.load(weights_only=True)`` (tensors and plain containers); a file holding other
