@@ -450,6 +450,36 @@ def test_generator_exact_resume(tmp_path, toy_models):
     assert torch.equal(load_file(str(part / "final" / "model.safetensors"))["pos"], ema["pos"])
 
 
+def test_generator_time_limit_stops_saves_and_resumes(tmp_path, toy_models):
+    """--time-limit stops at a step boundary with a resumable state and final/; the same command
+    without the limit continues to the same weights as a run never stopped."""
+    from accelerate.state import AcceleratorState, GradientState
+    from train import generator
+
+    tok_dir = _toy_tokenizer_dir(tmp_path)
+    tokens = _extract(tmp_path, tok_dir, num=10, flip=True, shard_size=4)
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text("model: generator/test-toy-tiny\nsteps: 5\nbatch-size: 4\nlr: 0.05\nwarmup: 1\n"
+                   "ema: 0.8\nsave-every: 0\nlog-every: 1\nnum-workers: 0\ncond: both\neval-samples: 4\n")
+    full = tmp_path / "full"
+    generator.main(_gen_argv(tokens, full, cfg))
+
+    part = tmp_path / "part"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    m_cut = generator.main(_gen_argv(tokens, part, cfg) + ["--time-limit", "1e-9"])  # past after step 1
+    assert m_cut["step"] == 1 and (part / "final" / "model.safetensors").is_file()
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["checkpoint_0"]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    m_part = generator.main(_gen_argv(tokens, part, cfg))  # the limit may change on resume
+    assert m_part["step"] == 5
+    a = load_file(str(full / "final" / "model.safetensors"))
+    b = load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+
 def test_generator_rejects_mismatched_condition(tmp_path, toy_models):
     from train import generator
 

@@ -57,6 +57,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 10000, batc
                    help="a default: `accelerate launch --mixed_precision` / its config "
                         "(ACCELERATE_MIXED_PRECISION) wins when set, with a log line if they differ")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
+    g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="stop at the first optimizer step after this many minutes of training in this "
+                        "process, save a resumable state and export final/ as at the end; the same "
+                        "command run again resumes (0 = no limit; for preemptible or leased machines)")
     g.add_argument("--save-every", type=int, default=1000, help="save resumable state every N steps "
                    "(and at the end; 0 = only at the end)")
     g.add_argument("--keep", type=int, default=3, help="resumable states kept (0 = all)")
@@ -78,8 +82,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 10000, batc
 #: flags that may differ between a run and its resume without --allow-changed: run length, saving,
 #: logging, I/O, hardware and end-of-run evaluation (also every ``--eval-*``); anything else
 #: (model, data, optimizer, batch) would silently mix two runs in one OUT
-RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "log_every", "num_workers", "resume", "allow_changed",
-                     "config", "imports", "cpu", "mixed_precision", "init")
+RESUME_MAY_CHANGE = ("steps", "time_limit", "save_every", "keep", "log_every", "num_workers", "resume",
+                     "allow_changed", "config", "imports", "cpu", "mixed_precision", "init")
 
 
 def has_accelerator() -> bool:

@@ -398,7 +398,9 @@ class Trainer:
         bar = tqdm(total=args.steps, initial=min(st.step, args.steps), desc=self.name,
                    disable=not acc.is_main_process, dynamic_ncols=True)
         t0 = time.time()
-        while st.step < args.steps:
+        limit_s = 60.0 * (getattr(args, "time_limit", 0.0) or 0.0)
+        self.stopped_at_time_limit = False
+        while st.step < args.steps and not self.stopped_at_time_limit:
             self.sampler.epoch = st.epoch
             loader = self.loader
             if st.batch_in_epoch:
@@ -455,11 +457,25 @@ class Trainer:
                     self.save()
                 if st.step >= args.steps:
                     break
+                if limit_s > 0 and self._past(t0 + limit_s):
+                    self.stopped_at_time_limit = True
+                    acc.print(f"[{self.name}] --time-limit {args.time_limit:g} min reached at step {st.step}; "
+                              f"the same command resumes from here")
+                    break
             if empty:
                 raise RuntimeError(f"epoch {st.epoch} yielded no batch from micro-batch {st.batch_in_epoch} on "
                                    f"({n_batches} per epoch); refusing to loop forever")
         bar.close()
         return st
+
+    def _past(self, deadline: float) -> bool:
+        """Whether ``deadline`` has passed, decided alike on every process (rank clocks and step
+        times differ; one rank stopping alone would hang the others at the next collective)."""
+        past = time.time() > deadline
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(past), device=self.accelerator.device)
+            past = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return past
 
     def _log(self, window: dict, t0: float) -> None:
         acc, st = self.accelerator, self.state
