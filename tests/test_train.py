@@ -480,6 +480,22 @@ def test_generator_time_limit_stops_saves_and_resumes(tmp_path, toy_models):
 
 
 
+def test_trained_on_names_the_shipped_weights():
+    """A generator trained on tokens of `name:tag` records `name:tag` (a fresh `name` has other
+    weights and another fingerprint); a folder-extracted run records the model name alone."""
+    from types import SimpleNamespace
+
+    from train.generator import trained_on
+
+    meta = {"ref": "tokenizer/vq-tiny:shapes", "path": None, "name": "tokenizer/vq-tiny", "tag": "shapes",
+            "fingerprint": "ab"}
+    assert trained_on(SimpleNamespace(meta={"tokenizer": meta})) == {"name": "tokenizer/vq-tiny:shapes",
+                                                                      "fingerprint": "ab"}
+    folder = {"ref": "runs/x/final", "path": "/abs/runs/x/final", "name": "tokenizer/vq-tiny", "fingerprint": "cd"}
+    assert trained_on(SimpleNamespace(meta={"tokenizer": folder})) == {"name": "tokenizer/vq-tiny", "fingerprint": "cd"}
+    assert trained_on(SimpleNamespace(meta={})) is None
+
+
 def test_generator_rejects_mismatched_condition(tmp_path, toy_models):
     from train import generator
 

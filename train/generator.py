@@ -82,7 +82,9 @@ def trained_on(data: TokenShardDataset) -> dict | None:
     tok = data.meta.get("tokenizer") or {}
     if not isinstance(tok, dict) or not isinstance(tok.get("fingerprint"), str):
         return None
-    name = tok.get("name")
+    name, tag = tok.get("name"), tok.get("tag")
+    if isinstance(name, str) and isinstance(tag, str) and tag:
+        name = f"{name}:{tag}"  # the shipped weights, not a fresh model of that name
     return {"name": name if isinstance(name, str) else None, "fingerprint": tok["fingerprint"]}
 
 
