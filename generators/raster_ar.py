@@ -334,7 +334,8 @@ _PAPER_BASE = dict(spec=_VQ16, num_classes=1000, ffn_multiple=256, dropout=0.1, 
 # its tokenizer's spec, so e.g. raster-ar-tiny:shapes-seed pairs with tokenizer/seed-tiny:shapes.
 # "shapes-flextok" is the ordered AR of SoTo: the same raster AR over flextok-tiny's 1D ordered
 # sequence (32 tokens, coarse-to-fine), trained on 1-4-object scenes with GenEval-style captions;
-# "shapes-multi" is its grid baseline: vq-tiny tokens of the same kind of scenes.
+# "shapes-multi" is its grid baseline: vq-tiny tokens of the same kind of scenes. "shapes-comit" /
+# "shapes-layton": over the 16 / 32 ids of the (undertrained) COMiT / Layton tokenizers.
 @register("generator/raster-ar-tiny", paper=PAPER, weights={
     "shapes": "weights/generator-raster-ar-tiny",
     "shapes-seed": "weights/generator-raster-ar-tiny-seed",
@@ -342,7 +343,9 @@ _PAPER_BASE = dict(spec=_VQ16, num_classes=1000, ffn_multiple=256, dropout=0.1, 
     "shapes-tokenflow": "weights/generator-raster-ar-tiny-tokenflow",
     "shapes-uniwetok": "weights/generator-raster-ar-tiny-uniwetok",
     "shapes-flextok": "weights/generator-raster-ar-tiny-flextok",
-    "shapes-multi": "weights/generator-raster-ar-tiny-multi"},
+    "shapes-multi": "weights/generator-raster-ar-tiny-multi",
+    "shapes-comit": "weights/generator-raster-ar-tiny-comit",
+    "shapes-layton": "weights/generator-raster-ar-tiny-layton"},
           description="LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)")
 def raster_ar_tiny(**overrides):
     """LlamaGen-style raster AR, tiny (8x8 Shapes tokens, class + caption prefix)."""

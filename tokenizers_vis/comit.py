@@ -505,7 +505,7 @@ COMIT_L = {**PAPER_BASE, "dim": 1024, "depth": 24, "heads": 16, "repr_layer": 7}
 COMIT_XL = {**PAPER_BASE, "dim": 1152, "depth": 28, "heads": 16, "repr_layer": 7}
 
 
-@register("tokenizer/comit-tiny", paper=PAPER)
+@register("tokenizer/comit-tiny", paper=PAPER, weights={"shapes": "weights/tokenizer-comit-tiny"})
 def comit_tiny(**overrides):
     """Tiny COMiT for Shapes 64x64: 3x3 latent crops -> 16 FSQ-6 ids (1,728 codes), flow decoder on kl-tiny latents."""
     cfg = {**TINY, **overrides}

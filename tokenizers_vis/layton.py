@@ -535,7 +535,7 @@ PAPER_CFG = dict(image_size=1024, patch_size=32, num_tokens=256, enc_dim=1024, e
                  consistency_steps=2, cd_intervals=50, pixel_steps=[1, 2])
 
 
-@register("tokenizer/layton-tiny", paper=PAPER)
+@register("tokenizer/layton-tiny", paper=PAPER, weights={"shapes": "weights/tokenizer-layton-tiny"})
 def layton_tiny(**overrides):
     """Tiny Layton for Shapes 64x64: 32 VQ ids (1,024 codes), flow / consistency DiT decoder on kl-tiny latents."""
     return load_shipped_vae(Layton(**{**TINY, **overrides}), TINY_VAE_WEIGHTS)
