@@ -480,6 +480,32 @@ def test_generator_time_limit_stops_saves_and_resumes(tmp_path, toy_models):
 
 
 
+def test_generator_init_from_a_checkpoint_folder(tmp_path, toy_models):
+    """--init loads a finished run's weights before training (lr 0: they come out unchanged);
+    a resume from --out ignores it."""
+    from accelerate.state import AcceleratorState, GradientState
+    from train import generator
+
+    tok_dir = _toy_tokenizer_dir(tmp_path)
+    tokens = _extract(tmp_path, tok_dir, num=10, flip=True, shard_size=4)
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text("model: generator/test-toy-tiny\nsteps: 2\nbatch-size: 4\nlr: 0.05\nwarmup: 1\n"
+                   "save-every: 0\nlog-every: 1\nnum-workers: 0\ncond: both\neval-samples: 4\n")
+    generator.main(_gen_argv(tokens, tmp_path / "a", cfg))
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    for _ in range(2):  # the second run resumes from b's state: --init is ignored, still equal
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        generator.main(_gen_argv(tokens, tmp_path / "b", cfg) + ["--init", str(tmp_path / "a" / "final"),
+                                                                   "--lr", "0", "--weight-decay", "0"])
+        b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(SystemExit, match="no such folder"):
+        generator.main(_gen_argv(tokens, tmp_path / "c", cfg) + ["--init", str(tmp_path / "missing")])
+
+
 def test_trained_on_names_the_shipped_weights():
     """A generator trained on tokens of `name:tag` records `name:tag` (a fresh `name` has other
     weights and another fingerprint); a folder-extracted run records the model name alone."""

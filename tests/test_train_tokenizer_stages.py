@@ -67,7 +67,7 @@ def test_stage1_with_captions_then_stage3_from_init(tmp_path, capsys, single_thr
 
 
 def test_init_refuses_mismatches(tmp_path):
-    from train.tokenizer import init_weights
+    from train.common import init_weights
     from zoo.checkpoint import save_pretrained
 
     small = {"codebook_size": 64, "decoder_channels": [8, 16]}

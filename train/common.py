@@ -32,6 +32,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int = 10000, batc
     g.add_argument("--model", default=model, help="registry name (see `arzoo list`)")
     g.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                    help="model constructor override; VALUE is parsed as YAML (repeatable)")
+    g.add_argument("--init", metavar="DIR", default=None,
+                   help="initialise the weights from this checkpoint folder (e.g. a previous stage's "
+                        "OUT/final, or shipped weights to fine-tune), strictly by tensor name; ignored when "
+                        "resuming from --out")
     g.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE[:FUNC]",
                    help="import MODULE (and call FUNC()) before building models, e.g. to register "
                         "your own models (repeatable)")
@@ -235,6 +239,74 @@ def build_model(name: str, overrides: dict | None = None, **fixed):
     except (TypeError, ValueError) as e:  # the values came from --set: say so, in one line
         sets = " ".join(f"--set {k}={v!r}" for k, v in (overrides or {}).items()) or "(no --set)"
         raise SystemExit(f"{name} cannot be built with {sets}: {e}") from e
+
+
+def init_weights(model: torch.nn.Module, path) -> list[str]:
+    """Load ``path``'s weights into ``model`` strictly by tensor name and shape (``--init``).
+
+    ``path``: an arzoo checkpoint folder (``config.json`` + ``model.safetensors``) or a
+    ``.safetensors`` file. Returns the constructor arguments that differ from the folder's
+    config (``["stage: 1 -> 3"]``); a different model class, or tensors that do not fit, exit
+    with the missing / unexpected / mis-shaped names.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from zoo.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_strict, read_config
+    from zoo.tokens import spec_to_json
+
+    p = Path(path)
+    cfg = None
+    if p.is_dir():
+        try:
+            cfg = read_config(p)
+        except CheckpointError as e:
+            raise SystemExit(f"--init {path}: {e}") from e
+        wpath = p / WEIGHTS_NAME
+        if not wpath.is_file():
+            raise SystemExit(f"--init {path}: no {WEIGHTS_NAME} in this folder (only safetensors weights are "
+                             f"loaded, never pickles)")
+    elif p.is_file():
+        if p.suffix != ".safetensors":
+            raise SystemExit(f"--init {path}: not a .safetensors file; pickled weights (.pt/.pth/.bin/.ckpt) are "
+                             f"never loaded (pass an arzoo checkpoint folder)")
+        wpath = p
+    else:
+        raise SystemExit(f"--init {path}: no such folder or file")
+    diffs = []
+    if cfg is not None:
+        cls = type(model)
+        own = f"{cls.__module__}:{cls.__qualname__}"
+        if cfg["class"] != own:
+            raise SystemExit(f"--init {path}: holds a {cfg['class']} ({cfg.get('name')}), not a {own}")
+        mine, theirs = spec_to_json(model.config), cfg["args"]
+        diffs = [f"{k}: {theirs.get(k, '(default)')} -> {mine.get(k, '(default)')}"
+                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    try:
+        state = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SystemExit(f"--init {wpath}: truncated or corrupt safetensors file ({e})") from e
+    try:
+        load_state_strict(model, state, f"--init {wpath}")
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from e
+    return diffs
+
+
+def apply_init(args, acc, model: torch.nn.Module, who: str) -> None:
+    """``--init``: load the weights before training starts, unless the run resumes from a saved
+    state in ``--out`` (then the state wins, and a line says so)."""
+    if not getattr(args, "init", None):
+        return
+    from train.runs import list_states
+
+    mode = str(args.resume).lower()
+    if mode not in ("no", "never", "false", "0") and (mode != "auto" or list_states(args.out)):
+        acc.print(f"[{who}] --init {args.init} ignored: resuming from the saved state in {args.out}")
+        return
+    diffs = init_weights(model, args.init)
+    acc.print(f"[{who}] initialised from {args.init}"
+              + (f" (constructor arguments differ: {'; '.join(diffs)})" if diffs else ""))
 
 
 def _check_override_types(name: str, overrides: dict) -> None:

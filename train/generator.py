@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from generators.base import Condition
-from train.common import add_common_args, build_model, parse_args
+from train.common import add_common_args, apply_init, build_model, parse_args
 from train.loop import Trainer, make_accelerator, seed_all, step_seed
 from train.extract import TokenShardDataset, TokenShardError, to_tokens
 
@@ -149,6 +149,7 @@ def main(argv=None) -> dict:
         model.attach_tokenizer(shard_tokenizer(data))
     if hasattr(model, "fit_latent_stats") and data.spec.kind == "continuous":  # generators.latent_norm
         model.fit_latent_stats(latent_sample(data))
+    apply_init(args, acc, model, "generator")  # after the fitted statistics: the folder's own win
     # recorded in every exported config.json (final/, final-raw/) as "tokenizer"
     model.trained_on = trained_on(data)
     # what the tokens are, not just where: a resume refuses a re-extracted folder (args.json)

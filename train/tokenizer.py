@@ -44,14 +44,13 @@ import contextlib
 import inspect
 import math
 import sys
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from train.common import (add_caption_style_arg, add_common_args, build_image_dataset, build_model,
+from train.common import (add_caption_style_arg, add_common_args, apply_init, build_image_dataset, build_model,
                           collate_images, parse_args, parse_num_objects)
-from train.loop import Trainer, list_states, make_accelerator, seed_all
+from train.loop import Trainer, make_accelerator, seed_all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images (default: the test split of --data; for a folder, the folder)")
     g.add_argument("--eval-images", type=int, default=512, help="held-out images measured at the end")
     g.add_argument("--eval-batch-size", type=int, default=64)
-    g.add_argument("--init", metavar="DIR", default=None,
-                   help="initialise the weights from this checkpoint folder (e.g. a previous stage's "
-                        "OUT/final), strictly by tensor name; ignored when resuming from --out")
     g = p.add_argument_group("extra losses (from tokenizers_vis.losses, when it provides them)")
     g.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="LPIPS weight (0 = off; needs --lpips-weights)")
@@ -126,58 +122,6 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
-
-
-def init_weights(model: torch.nn.Module, path) -> list[str]:
-    """Load ``path``'s weights into ``model`` strictly by tensor name and shape (``--init``).
-
-    ``path``: an arzoo checkpoint folder (``config.json`` + ``model.safetensors``) or a
-    ``.safetensors`` file. Returns the constructor arguments that differ from the folder's
-    config (``["stage: 1 -> 3"]``); a different model class, or tensors that do not fit, exit
-    with the missing / unexpected / mis-shaped names.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from zoo.checkpoint import WEIGHTS_NAME, CheckpointError, load_state_strict, read_config
-    from zoo.tokens import spec_to_json
-
-    p = Path(path)
-    cfg = None
-    if p.is_dir():
-        try:
-            cfg = read_config(p)
-        except CheckpointError as e:
-            raise SystemExit(f"--init {path}: {e}") from e
-        wpath = p / WEIGHTS_NAME
-        if not wpath.is_file():
-            raise SystemExit(f"--init {path}: no {WEIGHTS_NAME} in this folder (only safetensors weights are "
-                             f"loaded, never pickles)")
-    elif p.is_file():
-        if p.suffix != ".safetensors":
-            raise SystemExit(f"--init {path}: not a .safetensors file; pickled weights (.pt/.pth/.bin/.ckpt) are "
-                             f"never loaded (pass an arzoo checkpoint folder)")
-        wpath = p
-    else:
-        raise SystemExit(f"--init {path}: no such folder or file")
-    diffs = []
-    if cfg is not None:
-        cls = type(model)
-        own = f"{cls.__module__}:{cls.__qualname__}"
-        if cfg["class"] != own:
-            raise SystemExit(f"--init {path}: holds a {cfg['class']} ({cfg.get('name')}), not a {own}")
-        mine, theirs = spec_to_json(model.config), cfg["args"]
-        diffs = [f"{k}: {theirs.get(k, '(default)')} -> {mine.get(k, '(default)')}"
-                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    try:
-        state = load_file(str(wpath), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SystemExit(f"--init {wpath}: truncated or corrupt safetensors file ({e})") from e
-    try:
-        load_state_strict(model, state, f"--init {wpath}")
-    except CheckpointError as e:
-        raise SystemExit(str(e)) from e
-    return diffs
 
 
 def semantic_reconstruction(model) -> bool:
@@ -279,14 +223,7 @@ def main(argv=None) -> dict:
     for attr in ("spec", "image_size", "encode", "decode"):
         if not hasattr(model, attr):
             raise SystemExit(f"{args.model} is not a tokenizer (it has no {attr!r}); pass --model tokenizer/...")
-    if args.init:
-        mode = str(args.resume).lower()
-        if mode not in ("no", "never", "false", "0") and (mode != "auto" or list_states(args.out)):
-            acc.print(f"[tokenizer] --init {args.init} ignored: resuming from the saved state in {args.out}")
-        else:
-            diffs = init_weights(model, args.init)
-            acc.print(f"[tokenizer] initialised from {args.init}"
-                      + (f" (constructor arguments differ: {'; '.join(diffs)})" if diffs else ""))
+    apply_init(args, acc, model, "tokenizer")
     res = args.resolution or model.image_size
     if res != model.image_size:
         raise SystemExit(f"--resolution {res} does not match {args.model}'s image_size {model.image_size}")
