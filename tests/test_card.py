@@ -16,13 +16,15 @@ def test_export_writes_a_card_with_the_run(tmp_path):
     tok.save_pretrained(run / "final")
     (run / "final" / "metrics.json").write_text(json.dumps({"psnr": 31.25, "usage": 1.0, "note": "x"}))
     (run / "args.json").write_text(json.dumps({"model": "tokenizer/vq-tiny", "steps": 1600, "lr": 0.002,
-                                               "overrides": {"ch": 16}, "resume": "auto", "cpu": False}))
+                                               "set": ["ch=16"], "overrides": {"ch": 16}, "num_objects": [1, 4],
+                                               "resume": "auto", "cpu": False}))
     assert arzoo(["export", str(run / "final"), str(tmp_path / "out"), "--dtype", "float16"]) == 0
     card = (tmp_path / "out" / CARD_NAME).read_text()
     assert card.startswith("---\nlicense: apache-2.0")
     assert "# tokenizer/vq-tiny" in card and f"{tok.num_params():,}" in card and "discrete/grid 8x8" in card
     assert "python -m train tokenizer" in card and "--steps 1600" in card and "--set ch=16" in card
     assert "--resume" not in card and "| psnr | 31.25 |" in card
+    assert "--set [" not in card and card.count("--set ch=16") == 1 and "--num-objects 1-4" in card
     assert load_pretrained(tmp_path / "out").registry_name == "tokenizer/vq-tiny"  # the card does not disturb loading
 
 

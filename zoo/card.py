@@ -31,9 +31,13 @@ def _command(args: dict) -> str:
     script = {"generator": "generator", "tokenizer": "tokenizer"}.get(str(args.get("model", "")).split("/")[0], "")
     parts = [f"python -m train {script}".rstrip()]
     for k, v in args.items():
-        if v in (None, False, [], "") or k in ("imports", "overrides", "resume", "allow_changed", "tokens_identity"):
+        # "set" is the raw --set list: the parsed "overrides" below say the same, one flag each
+        if v in (None, False, [], "") or k in ("imports", "set", "overrides", "resume", "allow_changed",
+                                               "tokens_identity"):
             continue
         flag = "--" + k.replace("_", "-")
+        if k == "num_objects" and isinstance(v, (list, tuple)):  # stored as [min, max]; the flag reads MIN-MAX
+            v = str(v[0]) if v[0] == v[-1] else f"{v[0]}-{v[-1]}"
         parts.append(flag if v is True else f"{flag} {v}")
     for k, v in (args.get("overrides") or {}).items():
         parts.append(f"--set {k}={json.dumps(v)}")
