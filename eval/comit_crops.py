@@ -102,6 +102,32 @@ def crops_curve(tokenizer, images: torch.Tensor, *, orders=ORDERS, steps: int | 
     return report
 
 
+@torch.no_grad()
+def velocity_probe(tokenizer, images: torch.Tensor, ts=(0.0, 0.3, 0.6, 0.9), *, seed: int = 0) -> dict:
+    """How much the decoder uses the message: velocity MSE of the flow at each COMiT time ``t``
+    (0 = noise) given the image's own message (raster, 9 crops), the prior (empty) message, and
+    another image's message (a fixed permutation). Same noise for the three. ``{t: {"own",
+    "prior", "shuffled"}}``; own < prior < shuffled once the message carries the image."""
+    from tokenizers_vis.comit import comit_interpolate, comit_velocity_target
+
+    dev = next(tokenizer.parameters()).device
+    x = images.to(dev)
+    B = x.shape[0]
+    full = tokenizer.latents(x)
+    enc = tokenizer.tokenize(x)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    perm = (torch.arange(B) + 1 + torch.randint(0, max(B - 1, 1), (), generator=g)) % B  # no image keeps its own
+    msgs = {"own": enc["codes"], "prior": tokenizer.prior_message(B, dev), "shuffled": enc["codes"][perm.to(dev)]}
+    out = {}
+    for t0 in ts:
+        t = torch.full((B,), float(t0), device=dev)
+        noise = torch.randn(full.shape, generator=g).to(dev)
+        x_t, target = comit_interpolate(full, noise, t), comit_velocity_target(full, noise)
+        out[f"{float(t0):g}"] = {k: float((tokenizer.predictor(x_t, t, m, enc["offset"])["velocity"] - target)
+                                         .pow(2).mean()) for k, m in msgs.items()}
+    return out
+
+
 def format_report(r: dict) -> str:
     orders = list(r["orders"])
     head = "crops | " + " | ".join(f"{o:>8} PSNR  objects" for o in orders)
@@ -134,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="APG guidance (default: the model's; 1 = none)")
     add_probe_args(p, images=64, png_help="write example rows (original + 9 decodes) here",
                    show_help="images per order in --png")
+    p.add_argument("--velocity-probe", metavar="T,...", default=None,
+                   help="also report the flow's velocity MSE at these COMiT times with the own / prior / "
+                        "another image's message (velocity_probe)")
     return p
 
 
@@ -154,6 +183,9 @@ def main(argv=None) -> int:
         report = crops_curve(tok, x, orders=orders, steps=args.steps, cfg=args.cfg, seed=args.seed,
                              batch_size=args.batch_size, attributes=not args.no_attributes,
                              show=args.show if args.png else 0)
+        if args.velocity_probe:
+            ts = [float(v) for v in args.velocity_probe.split(",") if v.strip()]
+            report["velocity_probe"] = velocity_probe(tok, x.to(device), ts, seed=args.seed)
     except (ValueError, FileNotFoundError, UnknownModel, CheckpointError) as e:
         print(f"eval.comit_crops: {e}", file=sys.stderr)
         return 2
@@ -163,6 +195,8 @@ def main(argv=None) -> int:
         report["png"] = str(args.png)
     report["tokenizer"] = str(args.tokenizer)
     print(format_report(report))
+    for t, row in report.get("velocity_probe", {}).items():
+        print(f"velocity MSE at t = {t}: own {row['own']:.3f}, prior {row['prior']:.3f}, shuffled {row['shuffled']:.3f}")
     emit_json(report, args.json)
     return 0
 

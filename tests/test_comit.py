@@ -342,3 +342,23 @@ def test_crops_curve_report_and_cli(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert list(rep["orders"]) == ["raster"] and (tmp_path / "r.png").is_file()
     assert main(["--tokenizer", "tokenizer/vq-tiny:shapes", "--images", "1"]) == 2  # not a COMiT
+
+
+def test_velocity_probe_compares_messages():
+    from eval.comit_crops import velocity_probe
+
+    m = small()
+    x = images(4, seed=5)
+    r = velocity_probe(m, x, (0.0, 0.5), seed=1)
+    assert list(r) == ["0", "0.5"] and all(set(v) == {"own", "prior", "shuffled"} for v in r.values())
+    assert r == velocity_probe(m, x, (0.0, 0.5), seed=1)  # seeded
+    # the three rows use the same noise: only the message differs, so a predictor that ignores
+    # the message gives three equal numbers
+    for blk in m.predictor.blocks:
+        torch.nn.init.zeros_(blk.adaln[1].weight)
+    with torch.no_grad():
+        m.predictor.msg_embed[-1].weight.zero_()
+        m.predictor.msg_embed[-1].bias.zero_()
+        m.predictor.msg_pos.zero_()
+    v = velocity_probe(m, x, (0.3,), seed=1)["0.3"]
+    assert v["own"] == pytest.approx(v["prior"]) and v["own"] == pytest.approx(v["shuffled"])
