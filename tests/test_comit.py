@@ -39,6 +39,7 @@ def small(**kw):
         for b in m.predictor.blocks:
             for lin in (b.adaln[1], b.adaln_msg[1]):
                 lin.weight.normal_(0, 0.05)
+                lin.bias.normal_(0, 1.0)  # gates of order 1: crops move the unit-scale query positions
     return m.eval()
 
 
@@ -80,11 +81,14 @@ def test_encode_and_decode_share_one_predictor():
     y = m.decode(tok)
     h.remove()
     assert True in modes and False in modes  # the same module ran the encode and the decode passes
-    out = m.tokenize(x)
-    with torch.no_grad():  # perturb one shared weight: both directions change
+    crop, msg, off = m.crop_latents(x)[:, 0], m.prior_message(2), torch.zeros(2, 2)
+    t1 = torch.ones(2)
+    with torch.no_grad():  # the message update before FSQ rounding (rounding can hide a small change)
+        upd = m.predictor(crop, t1, msg, off, update_message=True, velocity=False)["message"]
+        # perturb one shared weight: both directions change
         m.predictor.blocks[0].attention.wqkv.weight.add_(torch.randn_like(m.predictor.blocks[0].attention.wqkv.weight))
-    out2 = m.tokenize(x)
-    assert not torch.equal(out["codes"], out2["codes"])
+        upd2 = m.predictor(crop, t1, msg, off, update_message=True, velocity=False)["message"]
+    assert not torch.allclose(upd, upd2, atol=1e-4)
     assert not torch.allclose(y, m.decode(tok), atol=1e-4)
 
 
@@ -108,6 +112,21 @@ def test_message_starts_at_prior_code_and_is_replaced_not_appended():
     assert any(changed)  # updated along the way
     tok = m.encode(images())
     assert tok.data.shape == (2, 6) and tok.spec.vocab_size == 4 * 4 * 4 * 3 * 3 * 3
+
+
+def test_message_and_query_positions_start_unit_variance_as_the_reference():
+    # reference RuledDiT: r_pos_embed, r_to_token, r_to_pos_embed, c_pos_embed = torch.randn. The
+    # prior message is one code at every position and the queries one token, so these positions
+    # are all that tells the N tokens apart at init (a 0.02 std left them near-identical).
+    p = COMiT(**{**SMALL, "dim": 64}).predictor
+    for name in ("msg_pos", "query_token", "query_pos", "offset_pos"):
+        std = getattr(p, name).std().item()
+        assert 0.8 < std < 1.2, (name, std)
+    prior = torch.zeros(1, p.num_tokens, p.token_dim)
+    tokens = torch.nn.functional.normalize(p.msg_embed(prior)[0] + p.msg_pos, dim=-1)
+    cos = tokens @ tokens.T
+    off_diag = cos[~torch.eye(p.num_tokens, dtype=torch.bool)]
+    assert off_diag.max() < 0.9
 
 
 def test_prior_message_is_the_guidance_null():

@@ -59,10 +59,13 @@ class MessageDiT(nn.Module):
         self.msg_embed = nn.Sequential(nn.Linear(token_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.offset_embed = nn.Sequential(nn.Linear(2, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.t_embed = flow.TimestepEmbedding(dim)
-        self.msg_pos = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
-        self.query_token = nn.Parameter(torch.randn(dim) * 0.02)
-        self.query_pos = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
-        self.offset_pos = nn.Parameter(torch.randn(dim) * 0.02)
+        # unit-variance N(0, 1) as the reference's torch.randn (r_pos_embed, r_to_token,
+        # r_to_pos_embed, c_pos_embed): all N message tokens start as the same prior code and
+        # all queries as the same token, so only these positions tell them apart at init
+        self.msg_pos = nn.Parameter(torch.randn(num_tokens, dim))
+        self.query_token = nn.Parameter(torch.randn(dim))
+        self.query_pos = nn.Parameter(torch.randn(num_tokens, dim))
+        self.offset_pos = nn.Parameter(torch.randn(dim))
         self.blocks = nn.ModuleList(StreamBlock(dim, heads, ffn_hidden, qkv_bias) for _ in range(depth))
         self.x_norm = RMSNorm(dim, affine=False)
         self.x_adaln = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
