@@ -118,12 +118,13 @@ def test_message_and_query_positions_start_unit_variance_as_the_reference():
     # reference RuledDiT: r_pos_embed, r_to_token, r_to_pos_embed, c_pos_embed = torch.randn. The
     # prior message is one code at every position and the queries one token, so these positions
     # are all that tells the N tokens apart at init (a 0.02 std left them near-identical).
-    p = COMiT(**{**SMALL, "dim": 64}).predictor
+    m = COMiT(**{**SMALL, "dim": 64})
+    p = m.predictor
     for name in ("msg_pos", "query_token", "query_pos", "offset_pos"):
         std = getattr(p, name).std().item()
         assert 0.8 < std < 1.2, (name, std)
-    prior = torch.zeros(1, p.num_tokens, p.token_dim)
-    tokens = torch.nn.functional.normalize(p.msg_embed(prior)[0] + p.msg_pos, dim=-1)
+    with torch.no_grad():
+        tokens = torch.nn.functional.normalize(p.msg_embed(m.prior_message(1))[0] + p.msg_pos, dim=-1)
     cos = tokens @ tokens.T
     off_diag = cos[~torch.eye(p.num_tokens, dtype=torch.bool)]
     assert off_diag.max() < 0.9
