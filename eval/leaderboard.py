@@ -14,6 +14,13 @@ Shapes-FID against the statistics of ``shapes:train:5000`` (the Shapes feature n
 resumes where it stopped and a retrained checkpoint is re-measured. ``--write FILE``
 replaces the table between the ``<!-- leaderboard:start -->`` / ``<!-- leaderboard:end -->``
 markers of FILE (checkpoints.md), with the command that made it.
+
+``--candidate ROW=FOLDER`` measures a checkpoint folder (e.g. a training run's ``final``) in
+place of a row's shipped weights, under the same protocol, without touching ``weights/`` or
+the shipped rows' cache: its result is cached under ``OUT/candidates/`` and it cannot be
+combined with ``--write`` (the table in checkpoints.md lists shipped weights only)::
+
+    python -m eval.leaderboard --candidate himar-tiny=runs/himar-small-cd/final-raw --num-slow 2000
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +116,13 @@ def measure(row: Row, *, num: int, ref: Path, seed: int, batch_size: int) -> dic
             "params": sum(p.numel() for p in gen.parameters())}
 
 
-def table(rows, results: dict) -> str:
+def table(rows, results: dict, keys=None) -> str:
+    """The markdown table; ``results`` by row key (``keys``: one per row, default ``row.key``)."""
     head = ("| generator | tokenizer | sampling | params | class acc. | bar | right colour | none/many "
             "| Shapes-FID | N | trunk passes / image | img/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for r in rows:
-        m = results.get(r.key)
+    for r, key in zip(rows, keys or [r.key for r in rows]):
+        m = results.get(key)
         samp = f"cfg {r.cfg:g}" + (f" {r.cfg_schedule}" if r.cfg_schedule != "constant" else "") + \
             (f", temperature {r.temperature:g}" if r.temperature != 1.0 else "") + \
             "".join(f", {k}={v}" for k, v in r.extra.items())
@@ -149,7 +157,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--write", metavar="FILE", help="replace the table between the leaderboard markers of FILE")
+    p.add_argument("--candidate", action="append", default=[], metavar="ROW=FOLDER",
+                   help="measure a checkpoint folder in place of ROW's shipped weights (repeatable; cached under "
+                        "OUT/candidates; not with --write)")
     return p
+
+
+def parse_candidates(items) -> dict:
+    """``["ROW=FOLDER", ...]`` -> ``{row key: folder}``; each folder must be a checkpoint of the
+    row's registry model (its ``config.json`` names it)."""
+    keys = {r.key: r for r in ROWS}
+    keys.update({_short(r): r for r in ROWS})
+    out = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in keys:
+            raise SystemExit(f"--candidate takes ROW=FOLDER with ROW one of {', '.join(keys)}; got {item!r}")
+        key = keys[name].key
+        cfg = Path(folder) / "config.json"
+        if not cfg.is_file() or not (Path(folder) / "model.safetensors").is_file():
+            raise SystemExit(f"--candidate {item}: {folder} is not a checkpoint folder (config.json + model.safetensors)")
+        name, want = json.loads(cfg.read_text()).get("name"), keys[key].generator.split(":")[0]
+        if name != want:
+            raise SystemExit(f"--candidate {item}: the folder holds {name!r}, the row is {want!r}")
+        out[key] = folder
+    return out
+
+
+def _short(row: Row) -> str:
+    """``generator/nar-tiny:shapes`` -> ``nar-tiny`` (``--only`` and ``--candidate`` take it too)."""
+    return row.generator.split(":")[0].split("/")[-1]
 
 
 def main(argv=None) -> int:
@@ -157,8 +194,12 @@ def main(argv=None) -> int:
     for flag, n in (("--num", a.num), ("--num-slow", a.num_slow)):
         if n is not None and n < 30:
             raise SystemExit(f"{flag} must be >= 30 (one sample per Shapes class at least), got {n}")
+    cands = parse_candidates(a.candidate)
+    if cands and a.write:
+        raise SystemExit("--candidate measures weights that are not shipped: it cannot --write the table")
     only = {s.strip() for s in a.only.split(",") if s.strip()}
-    chosen = [r for r in ROWS if not only or r.key in only or r.generator.split(":")[0].split("/")[-1] in only]
+    chosen = {r.key for r in ROWS if r.key in cands or (not only and not cands) or r.key in only
+              or _short(r) in only}
     if not chosen:
         raise SystemExit(f"--only {a.only!r} matches no row; rows: {', '.join(r.key for r in ROWS)}")
     out = Path(a.out)
@@ -168,31 +209,36 @@ def main(argv=None) -> int:
     cmd = "python -m eval.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:])
     # every row is listed; rows outside --only show a cached result of the same settings and
     # weights if there is one, else "not measured"
-    for r in ROWS:
+    shown = []
+    for shipped in ROWS:
+        r = replace(shipped, generator=cands[shipped.key]) if shipped.key in cands else shipped
+        shown.append(r)
         num = a.num_slow if r.slow and a.num_slow else a.num
         ident = {"row": asdict(r), "num": num, "seed": a.seed, "batch_size": a.batch_size,
                  "weights": _weights_id(r.generator), "tokenizer_weights": _weights_id(r.tokenizer)}
-        cache = out / f"{r.key}.json"
+        cache = (out / "candidates" / f"{shipped.key}-{ident['weights']}.json" if r is not shipped
+                 else out / f"{shipped.key}.json")
+        cache.parent.mkdir(parents=True, exist_ok=True)
         if cache.is_file():
             saved = json.loads(cache.read_text())
             same = saved.get("ident") == ident
             # a row outside --only keeps its cached result at whatever N it was measured with
             # (the table states each row's N), as long as the weights and settings are the same
-            kept = r not in chosen and {**saved.get("ident", {}), "num": num} == ident
+            kept = shipped.key not in chosen and {**saved.get("ident", {}), "num": num} == ident
             if same or kept:
-                results[r.key] = saved["metrics"]
+                results[shipped.key] = saved["metrics"]
                 commands.add(saved.get("command") or "")
                 continue
-        if r not in chosen:
+        if shipped.key not in chosen:
             continue
         torch.manual_seed(0)
         print(f"[leaderboard] {r.generator}: sampling {num} images", file=sys.stderr, flush=True)
-        results[r.key] = measure(r, num=num, ref=ref, seed=a.seed, batch_size=a.batch_size)
+        results[shipped.key] = measure(r, num=num, ref=ref, seed=a.seed, batch_size=a.batch_size)
         tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ident": ident, "metrics": results[r.key], "command": cmd}, indent=2))
+        tmp.write_text(json.dumps({"ident": ident, "metrics": results[shipped.key], "command": cmd}, indent=2))
         tmp.replace(cache)
         commands.add(cmd)
-    text = table(ROWS, results)
+    text = table(shown, results, [r.key for r in ROWS])
     print(text)
     if a.write:
         cmds = "\n".join(sorted(c for c in commands if c)) or cmd

@@ -296,7 +296,8 @@ class HiMAR(MAR):
 # ---- registry -------------------------------------------------------------------------------
 
 # Tiny (Shapes, kl-tiny 8x8x8 -> 4x4 pivots): the mar-tiny trunk, a 3 x 192 MLP head for the
-# 16 pivots and a 2 x 128 DiT head (4 heads) for the 8x8 map. Sampling: 16 pivot steps
+# 16 pivots and a 2 x 96 DiT head (4 heads) for the 8x8 map (96 wide so the 2.47M parameters
+# fit the 5 MB float16 budget of issue 16). Sampling: 16 pivot steps
 # (4 x 4, one pivot per step), 4 full-resolution steps; 100 DiT steps instead of the paper's
 # 250 to keep CPU sampling affordable (SamplingConfig.extra["dit_steps"] overrides).
 TINY = {
@@ -304,7 +305,7 @@ TINY = {
     "text_len": 16, "dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0, "dropout": 0.0,
     "attn_dropout": 0.0, "buffer_size": 17, "class_dropout": 0.1, "text_depth": 1, "head_width": 192,
     "head_depth": 3, "diffusion_batch_mul": 4, "sampling_steps": 100, "num_iter": 4, "pivot_shape": [4, 4],
-    "pivot_iter": 16, "dit_width": 128, "dit_depth": 2, "dit_heads": 4, "dit_sampling_steps": 100,
+    "pivot_iter": 16, "dit_width": 96, "dit_depth": 2, "dit_heads": 4, "dit_sampling_steps": 100,
     "dit_batch_mul": 1, "clip_denoised": True, "latent_norm": "channel", "mask_ratio_dist": "cosine",
 }
 

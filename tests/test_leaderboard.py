@@ -51,3 +51,33 @@ def test_rows_outside_only_keep_their_cached_result_and_command(tmp_path, monkey
     assert "| 2000 |" in text and "| 300 |" in text
     saved = json.loads((tmp_path / f"{a.key}.json").read_text())
     assert saved["ident"]["num"] == 2000
+
+
+def test_candidate_is_measured_in_place_of_the_shipped_weights_without_touching_their_cache(tmp_path, monkeypatch):
+    import json
+
+    row = lb.ROWS[-1]
+    folder = tmp_path / "run-final"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"name": row.generator.split(":")[0]}))
+    (folder / "model.safetensors").write_bytes(b"candidate")
+    seen = []
+    monkeypatch.setattr(lb, "ensure_ref", lambda p: p)
+    monkeypatch.setattr(lb, "measure", lambda r, **kw: seen.append(r.generator) or {
+        "class_accuracy": 0.8, "colour_accuracy": 0.9, "none_or_many": 0.0, "shapes_fid": 9.0, "img_per_s": 1.0,
+        "params": 1e6, "num": kw["num"], "forward_steps": 20})
+    out = tmp_path / "lb"
+    lb.main(["--out", str(out), "--candidate", f"{row.key}={folder}", "--num", "60"])
+    assert seen == [str(folder)]  # only the candidate row was sampled, from the folder
+    assert not (out / f"{row.key}.json").exists()  # the shipped row's cache is untouched
+    cached = list((out / "candidates").glob(f"{row.key}-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["ident"]["row"]["generator"] == str(folder)
+    short = row.generator.split(":")[0].split("/")[-1]  # "himar-tiny", as --only takes it
+    lb.main(["--out", str(out), "--candidate", f"{short}={folder}", "--num", "60"])
+    assert seen == [str(folder)]  # the second run is served from the candidate cache
+    with pytest.raises(SystemExit, match="cannot --write"):
+        lb.main(["--out", str(out), "--candidate", f"{row.key}={folder}", "--write", str(tmp_path / "c.md")])
+    with pytest.raises(SystemExit, match="the row is"):
+        lb.main(["--out", str(out), "--candidate", f"{lb.ROWS[0].key}={folder}"])
+    with pytest.raises(SystemExit, match="ROW=FOLDER"):
+        lb.main(["--out", str(out), "--candidate", f"no-such-row={folder}"])
