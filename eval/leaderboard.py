@@ -177,9 +177,9 @@ def parse_candidates(items) -> dict:
         cfg = Path(folder) / "config.json"
         if not cfg.is_file() or not (Path(folder) / "model.safetensors").is_file():
             raise SystemExit(f"--candidate {item}: {folder} is not a checkpoint folder (config.json + model.safetensors)")
-        name, want = json.loads(cfg.read_text()).get("name"), keys[key].generator.split(":")[0]
-        if name != want:
-            raise SystemExit(f"--candidate {item}: the folder holds {name!r}, the row is {want!r}")
+        held, want = json.loads(cfg.read_text()).get("name"), keys[key].generator.split(":")[0]
+        if held != want:
+            raise SystemExit(f"--candidate {item}: the folder holds {held!r}, the row is {want!r}")
         out[key] = folder
     return out
 
